@@ -1,0 +1,42 @@
+# mcdrop — the two commands: `make run` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install run test lint bench lock clean
+
+$(BIN)/python:
+	@$(PY) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "mcdrop needs Python 3.11 or newer (set PY=python3.x)")'
+	@$(PY) -m venv $(VENV)
+
+# Installs from the pinned constraints; output is kept in a log and shown only on failure.
+$(STAMP): $(BIN)/python pyproject.toml constraints.txt
+	@$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]' \
+		>$(VENV)/install.log 2>&1 || { cat $(VENV)/install.log; exit 1; }
+	@touch $@
+
+install: $(STAMP)
+
+## run: API + one worker on http://127.0.0.1:$${MCDROP_PORT:-8000} (SQLite + embedded broker unless configured)
+run: install
+	@$(BIN)/mcdrop up
+
+## test: the whole test suite (needs PostgreSQL and Redis on 127.0.0.1, see .ci/run)
+test: install
+	@$(BIN)/python -m pytest
+
+bench: install
+	@$(BIN)/python -m bench
+
+## lock: regenerate constraints.txt from a fresh environment
+lock:
+	@rm -rf .lock-venv && $(PY) -m venv .lock-venv
+	@.lock-venv/bin/pip install -q --disable-pip-version-check '.[test]' >/dev/null 2>&1
+	@{ echo "# Pinned versions for every install of mcdrop (pip install -c constraints.txt ...)."; \
+	   echo "# Regenerate: make lock (fresh venv, install, pip freeze)."; \
+	   .lock-venv/bin/pip freeze --exclude mcdrop | sed 's/+cpu$$//'; } > constraints.txt
+	@rm -rf .lock-venv
+
+clean:
+	rm -rf $(VENV) var

@@ -1,0 +1,119 @@
+"""/v1/datasets: built-in sets by JSON, CSV files by multipart upload."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, File, Form, Request, UploadFile
+from pydantic import ValidationError
+
+from service.api.deps import SessionDep, SettingsDep, ValidDataset
+from service.datasets import service as datasets
+from service.datasets.schemas import DatasetCreate, DatasetList, DatasetName, DatasetRead
+from service.errors import InvalidInput, PayloadTooLarge
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+CSV_FORM_DOC = (
+    "Either a JSON body `{\"name\": ..., \"builtin\": \"digits\"}` or a multipart form with "
+    "`file` (CSV with a header row), `name`, `target` (the target column's name) and `task` "
+    "(`classification` or `regression`)."
+)
+
+
+async def _read_limited(upload: UploadFile, limit: int) -> bytes:
+    chunks, size = [], 0
+    while chunk := await upload.read(1024 * 1024):
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the uploaded file is larger than the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=DatasetRead,
+    description=CSV_FORM_DOC,
+    openapi_extra={
+        "requestBody": {
+            "content": {
+                "application/json": {"schema": DatasetCreate.model_json_schema()},
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["file", "name", "target", "task"],
+                        "properties": {
+                            "file": {"type": "string", "format": "binary"},
+                            "name": {"type": "string"},
+                            "target": {"type": "string"},
+                            "task": {"type": "string", "enum": ["classification", "regression"]},
+                        },
+                    }
+                },
+            },
+            "required": True,
+        }
+    },
+)
+async def create_dataset(request: Request, session: SessionDep, settings: SettingsDep) -> DatasetRead:
+    content_type = request.headers.get("content-type", "")
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > settings.max_upload_bytes + 64 * 1024:
+        raise PayloadTooLarge(f"the request body is larger than the limit of {settings.max_upload_bytes} bytes")
+    if content_type.startswith("multipart/form-data"):
+        return await _create_from_form(request, session, settings)
+    if not content_type.startswith("application/json"):
+        raise InvalidInput(
+            "send JSON (a built-in dataset) or multipart/form-data (a CSV upload)",
+            errors=[{"loc": ["header", "content-type"], "msg": f"unsupported: {content_type or 'none'}", "type": "content_type"}],
+        )
+    body = await request.body()
+    if len(body) > 64 * 1024:
+        raise PayloadTooLarge("a JSON dataset request is at most 64 KiB")
+    try:
+        data = DatasetCreate.model_validate_json(body)
+    except ValidationError as exc:
+        raise InvalidInput(
+            "the request body is not valid",
+            errors=[{"loc": ["body", *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in exc.errors()],
+        ) from None
+    return datasets.create_builtin(session, data)
+
+
+async def _create_from_form(request: Request, session: SessionDep, settings: SettingsDep) -> DatasetRead:
+    form = await request.form(max_files=1, max_fields=10, max_part_size=settings.max_upload_bytes)
+    errors = []
+    for field in ("file", "name", "target", "task"):
+        if field not in form:
+            errors.append({"loc": ["body", field], "msg": "field required", "type": "missing"})
+    if errors:
+        raise InvalidInput("the upload form is missing fields", errors=errors)
+    upload = form["file"]
+    if not hasattr(upload, "read"):
+        raise InvalidInput("`file` must be a file", errors=[{"loc": ["body", "file"], "msg": "not a file", "type": "file"}])
+    task = str(form["task"])
+    if task not in ("classification", "regression"):
+        raise InvalidInput(
+            "task must be classification or regression",
+            errors=[{"loc": ["body", "task"], "msg": f"got {task!r}", "type": "literal_error"}],
+        )
+    name = str(form["name"]).strip()
+    if not 1 <= len(name) <= 200:
+        raise InvalidInput("name must have 1 to 200 characters", errors=[{"loc": ["body", "name"], "msg": "bad length", "type": "string"}])
+    content = await _read_limited(upload, settings.max_upload_bytes)  # type: ignore[arg-type]
+    return datasets.create_from_csv(
+        session, settings, name=name, target=str(form["target"]).strip(), task=task, content=content
+    )
+
+
+@router.get("", response_model=DatasetList)
+def list_datasets(session: SessionDep) -> DatasetList:
+    return DatasetList(items=datasets.list_all(session))
+
+
+@router.get("/{dataset_id}", response_model=DatasetRead, responses={404: {"description": "no such dataset"}})
+def read_dataset(dataset: ValidDataset) -> DatasetRead:
+    return DatasetRead.model_validate(dataset)

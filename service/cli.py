@@ -1,0 +1,148 @@
+"""The ``mcdrop`` command line: migrate, serve, worker, and ``up`` (all of it, supervised)."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+from typing import Annotated
+
+import typer
+
+from service.config import get_settings
+
+app = typer.Typer(help="mcdrop: dropout networks trained by workers, served with MC dropout.", no_args_is_help=True)
+
+log = logging.getLogger("mcdrop")
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+
+
+@app.command()
+def migrate() -> None:
+    """Apply database migrations (waits for the database first)."""
+    from service.migrate import upgrade
+
+    settings = get_settings()
+    _configure_logging(settings.log_level)
+    upgrade(settings.sqlalchemy_url)
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="default: MCDROP_HOST")] = None,
+    port: Annotated[int | None, typer.Option(help="default: MCDROP_PORT")] = None,
+) -> None:
+    """Run the HTTP API (uvicorn)."""
+    import uvicorn
+
+    from service.api.app import create_app
+
+    settings = get_settings()
+    _configure_logging(settings.log_level)
+    uvicorn.run(
+        create_app(settings), host=host or settings.host, port=port or settings.port,
+        log_level=settings.log_level, access_log=False, timeout_graceful_shutdown=10,
+    )
+
+
+def default_queues() -> list[str]:
+    import torch
+
+    from service.queue import CPU_QUEUE, CUDA_QUEUE
+
+    settings = get_settings()
+    if settings.device != "cpu" and torch.cuda.is_available():
+        return [CUDA_QUEUE, CPU_QUEUE]
+    return [CPU_QUEUE]
+
+
+@app.command()
+def worker(
+    queues: Annotated[str | None, typer.Option(help="comma-separated; default cpu, plus cuda when a GPU is present")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="processes (prefork); default MCDROP_WORKER_CONCURRENCY")] = None,
+    name: Annotated[str | None, typer.Option(help="Celery node name")] = None,
+) -> None:
+    """Run a Celery worker that trains runs."""
+    settings = get_settings()
+    _configure_logging(settings.log_level)
+    import torch
+
+    if settings.worker_torch_threads > 0:
+        torch.set_num_threads(settings.worker_torch_threads)
+    from workers.celery_app import app as celery_app
+
+    processes = concurrency or settings.worker_concurrency
+    argv = [
+        "worker",
+        f"--queues={queues or ','.join(default_queues())}",
+        f"--loglevel={settings.log_level.upper()}",
+        "--without-gossip",
+        "--without-mingle",
+        f"--hostname={name or f'mcdrop-{os.getpid()}@%h'}",
+    ]
+    # One process trains in the worker itself (solo pool): a kill of the worker stops training
+    # at once and leaves nothing behind; more processes use the prefork pool.
+    argv += ["--pool=solo"] if processes == 1 else ["--pool=prefork", f"--concurrency={processes}"]
+    celery_app.worker_main(argv)
+
+
+def _die_with_parent() -> None:
+    """In a child: get SIGTERM when the parent dies, even by SIGKILL (Linux prctl)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+    os.setpgid(0, 0)  # its own group: a Ctrl-C reaches it once, through the parent
+
+
+@app.command()
+def up() -> None:
+    """Migrate, then run the API and one worker until Ctrl-C or SIGTERM (``make run``)."""
+    settings = get_settings()
+    _configure_logging(settings.log_level)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    from service.migrate import upgrade
+
+    upgrade(settings.sqlalchemy_url)
+    mode = "embedded (SQLite + filesystem broker)" if settings.database_url is None and settings.embedded_broker else "external"
+    log.info("mcdrop %s mode: database %s, broker %s", mode, _redact(settings.sqlalchemy_url), _redact(settings.celery_broker_url))
+
+    worker_process = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "worker"], preexec_fn=_die_with_parent
+    )
+
+    def stop_worker() -> None:
+        if worker_process.poll() is None:
+            worker_process.send_signal(signal.SIGTERM)  # warm shutdown: the run goes back to the queue
+            try:
+                worker_process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                worker_process.kill()
+                worker_process.wait()
+
+    try:
+        serve(host=None, port=None)
+    finally:
+        stop_worker()
+
+
+def _redact(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("@")[-1]
+
+
+if __name__ == "__main__":
+    app()

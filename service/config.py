@@ -1,0 +1,72 @@
+"""Settings: one pydantic-settings class, environment prefix ``MCDROP_``.
+
+Embedded defaults (SQLite + kombu's filesystem transport under ``MCDROP_DATA_DIR``) need no
+external services; set ``MCDROP_DATABASE_URL`` / ``MCDROP_BROKER_URL`` for PostgreSQL and Redis.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MCDROP_", extra="ignore", frozen=True)
+
+    data_dir: Path = Path("var")
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; default sqlite:///<data_dir>/mcdrop.sqlite3"
+    )
+    broker_url: str | None = Field(
+        default=None, description="Celery broker URL; default: kombu filesystem transport in <data_dir>/broker"
+    )
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_level: str = "info"
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # torch intra-op threads: the API serves many small requests (1 is fastest and never stalls
+    # against the worker); the worker trains (0 = torch's default).
+    api_torch_threads: int = 1
+    worker_torch_threads: int = 0
+    worker_concurrency: int = 1
+
+    max_upload_bytes: int = 50 * 1024 * 1024
+    max_dataset_rows: int = 1_000_000
+    max_dataset_features: int = 10_000
+    max_predict_inputs: int = 1024
+    max_samples: int = 10_000
+    max_epochs: int = 100_000
+    model_cache_size: int = 32
+    broker_polling_interval: float = 0.1
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        # The embedded broker's folders must be absolute: worker and API may differ in cwd.
+        return value.expanduser().resolve()
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'mcdrop.sqlite3'}"
+
+    @property
+    def celery_broker_url(self) -> str:
+        return self.broker_url or "filesystem://localhost/"
+
+    @property
+    def embedded_broker(self) -> bool:
+        return self.broker_url is None or self.broker_url.startswith("filesystem://")
+
+    @property
+    def broker_folder(self) -> Path:
+        return self.data_dir / "broker"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

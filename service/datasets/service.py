@@ -1,0 +1,89 @@
+"""Dataset use cases: create from a built-in set or a CSV upload, read, load the arrays."""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+from safetensors.numpy import load as load_tensors
+from safetensors.numpy import save as save_tensors
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from service.config import Settings
+from service.datasets.csv_parsing import parse_csv
+from service.datasets.models import DatasetRow
+from service.datasets.schemas import DatasetCreate, DatasetRead
+from service.errors import NotFound, PayloadTooLarge
+from service.ml.data import Dataset, load_builtin
+
+
+def _store(session: Session, name: str, source: str, dataset: Dataset) -> DatasetRead:
+    blob = save_tensors({
+        "features": np.ascontiguousarray(dataset.features, dtype=np.float32),
+        "target": np.ascontiguousarray(dataset.target),
+    })
+    row = DatasetRow(
+        name=name,
+        task=dataset.task,
+        source=source,
+        n_rows=int(dataset.features.shape[0]),
+        n_features=int(dataset.features.shape[1]),
+        n_classes=dataset.n_classes,
+        feature_names=list(dataset.feature_names),
+        class_names=list(dataset.class_names) if dataset.class_names is not None else None,
+        target_name=dataset.target_name,
+        size_bytes=len(blob),
+        data=blob,
+    )
+    session.add(row)
+    session.commit()
+    return DatasetRead.model_validate(row)
+
+
+def create_builtin(session: Session, data: DatasetCreate) -> DatasetRead:
+    return _store(session, data.name, f"builtin:{data.builtin}", load_builtin(data.builtin))
+
+
+def create_from_csv(
+    session: Session, settings: Settings, *, name: str, target: str, task: str, content: bytes
+) -> DatasetRead:
+    if len(content) > settings.max_upload_bytes:
+        raise PayloadTooLarge(f"the upload is larger than {settings.max_upload_bytes} bytes")
+    dataset = parse_csv(
+        content,
+        target=target,
+        task=task,
+        max_rows=settings.max_dataset_rows,
+        max_features=settings.max_dataset_features,
+    )
+    return _store(session, name, "csv", dataset)
+
+
+def get_row(session: Session, dataset_id: uuid.UUID) -> DatasetRow:
+    row = session.get(DatasetRow, dataset_id)
+    if row is None:
+        raise NotFound("dataset", dataset_id)
+    return row
+
+
+def read(session: Session, dataset_id: uuid.UUID) -> DatasetRead:
+    return DatasetRead.model_validate(get_row(session, dataset_id))
+
+
+def list_all(session: Session, limit: int = 100) -> list[DatasetRead]:
+    rows = session.scalars(select(DatasetRow).order_by(DatasetRow.created_at.desc()).limit(limit))
+    return [DatasetRead.model_validate(row) for row in rows]
+
+
+def load_arrays(session: Session, dataset_id: uuid.UUID) -> Dataset:
+    row = get_row(session, dataset_id)
+    tensors = load_tensors(row.data)
+    return Dataset(
+        features=tensors["features"],
+        target=tensors["target"],
+        task=row.task,  # type: ignore[arg-type]
+        feature_names=row.feature_names,
+        class_names=row.class_names,
+        target_name=row.target_name,
+    )

@@ -1,0 +1,79 @@
+"""Celery *client* and the shared Celery configuration.
+
+The API enqueues by task name (``send_task``) and never imports worker code; workers build
+their app with the same :func:`create_celery_app` so both sides agree on broker settings.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from functools import lru_cache
+
+from celery import Celery
+
+from service.config import Settings
+
+log = logging.getLogger(__name__)
+
+TRAIN_RUN_TASK = "mcdrop.runs.train"
+CPU_QUEUE = "cpu"
+CUDA_QUEUE = "cuda"
+
+
+def broker_transport_options(settings: Settings) -> dict[str, object]:
+    if settings.embedded_broker:
+        # kombu's filesystem transport: absolute folders (API and worker may run in different
+        # working directories), processed messages kept in our folder (the default moves them
+        # to the system temp dir, which is a copy across file systems and racy between
+        # consumers), and a short polling interval so jobs start promptly.
+        folder = settings.broker_folder
+        for name in ("messages", "control", "processed"):
+            (folder / name).mkdir(parents=True, exist_ok=True)
+        return {
+            "data_folder_in": str(folder / "messages"),
+            "data_folder_out": str(folder / "messages"),
+            "control_folder": str(folder / "control"),
+            "processed_folder": str(folder / "processed"),
+            "store_processed": True,
+            "polling_interval": settings.broker_polling_interval,
+        }
+    # Redis: a message not acknowledged within the visibility timeout is delivered again.
+    # Training acknowledges late (after the run is finished), so it must exceed a long run.
+    return {"visibility_timeout": 6 * 3600, "priority_steps": list(range(10))}
+
+
+def create_celery_app(settings: Settings, name: str = "mcdrop") -> Celery:
+    app = Celery(name, broker=settings.celery_broker_url)
+    app.conf.update(
+        broker_transport_options=broker_transport_options(settings),
+        broker_connection_retry_on_startup=True,
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,  # job state lives in our own tables
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue=CPU_QUEUE,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        task_send_sent_event=False,
+    )
+    return app
+
+
+@lru_cache(maxsize=4)
+def _client(settings: Settings) -> Celery:
+    return create_celery_app(settings, name="mcdrop-client")
+
+
+def enqueue_training(settings: Settings, run_id: uuid.UUID, device: str = "auto") -> None:
+    """Send the training task for a committed run row. Raises on broker errors."""
+    queue = CUDA_QUEUE if device == "cuda" else CPU_QUEUE
+    _client(settings).send_task(TRAIN_RUN_TASK, args=[str(run_id)], queue=queue)
+
+
+def check_broker(settings: Settings) -> None:
+    """Raise if the broker cannot be reached (used by /readyz)."""
+    with _client(settings).connection_for_write() as connection:
+        connection.ensure_connection(max_retries=1, timeout=2)

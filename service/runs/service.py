@@ -1,0 +1,166 @@
+"""Run use cases for the API: create (and enqueue), read, list, metrics, predict."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import uuid
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from service import queue
+from service.config import Settings
+from service.datasets import service as datasets
+from service.errors import InvalidInput, InvalidState, NotFound
+from service.runs import repository
+from service.runs.inference import ModelCache
+from service.runs.modelling import TrainedModel
+from service.runs.models import RunRow, RunStatus
+from service.runs.schemas import (
+    EpochMetricsRead,
+    MetricsList,
+    PredictRequest,
+    PredictResponse,
+    RunCreate,
+    RunRead,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _to_read(row: RunRow, latest: object | None) -> RunRead:
+    return RunRead(
+        id=row.id,
+        dataset_id=row.dataset_id,
+        task=row.spec.get("task", ""),
+        status=row.status,  # type: ignore[arg-type]
+        spec={key: value for key, value in row.spec.items() if key != "task"},
+        epochs_done=row.epochs_done,
+        epochs_total=row.epochs_total,
+        latest_metrics=EpochMetricsRead.model_validate(latest) if latest is not None else None,
+        device=row.device,
+        error=row.error,
+        created_at=row.created_at,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+    )
+
+
+def create(session: Session, settings: Settings, data: RunCreate) -> RunRead:
+    try:
+        dataset = datasets.get_row(session, data.dataset_id)
+    except NotFound:
+        raise InvalidInput(
+            f"dataset {data.dataset_id} does not exist",
+            errors=[{"loc": ["body", "dataset_id"], "msg": "no such dataset", "type": "not_found"}],
+        ) from None
+    if data.model.tau is not None and dataset.task != "regression":
+        raise InvalidInput(
+            "tau (model precision) applies to regression only",
+            errors=[{"loc": ["body", "model", "tau"], "msg": f"dataset task is {dataset.task}", "type": "value_error"}],
+        )
+    fraction = data.training.validation_fraction
+    n_validation = max(round(fraction * dataset.n_rows), 1 if fraction > 0 else 0)
+    if dataset.n_rows - n_validation < 1:
+        raise InvalidInput(
+            f"validation_fraction {fraction} leaves no training rows of the dataset's {dataset.n_rows}",
+            errors=[{"loc": ["body", "training", "validation_fraction"], "msg": "no training rows left", "type": "value_error"}],
+        )
+    if data.training.epochs > settings.max_epochs:
+        raise InvalidInput(
+            f"at most {settings.max_epochs} epochs",
+            errors=[{"loc": ["body", "training", "epochs"], "msg": "too many epochs", "type": "too_large"}],
+        )
+    if data.training.seed is None:
+        # Record the seed so that every run is reproducible, even one submitted without a seed.
+        data = data.model_copy(update={"training": data.training.model_copy(update={"seed": secrets.randbelow(2**31)})})
+    spec = data.model_dump(mode="json", exclude={"dataset_id"})
+    spec["task"] = dataset.task
+    row = RunRow(
+        dataset_id=dataset.id, status=RunStatus.QUEUED, spec=spec,
+        epochs_total=data.training.epochs, epochs_done=0,
+    )
+    session.add(row)
+    session.commit()  # the row exists before its message does
+    try:
+        queue.enqueue_training(settings, row.id, data.device)
+    except Exception:  # the row stays queued; it is dispatched again when the broker is back
+        log.exception("could not enqueue run %s; it stays queued", row.id)
+    return _to_read(row, None)
+
+
+def get_row(session: Session, run_id: uuid.UUID) -> RunRow:
+    row = repository.get(session, run_id)
+    if row is None:
+        raise NotFound("run", run_id)
+    return row
+
+
+def read(session: Session, run_id: uuid.UUID) -> RunRead:
+    row = get_row(session, run_id)
+    return _to_read(row, repository.latest_metrics(session, [row.id]).get(row.id))
+
+
+def list_runs(session: Session, status: str | None = None, limit: int = 100) -> list[RunRead]:
+    query = select(RunRow).order_by(RunRow.created_at.desc(), RunRow.id).limit(limit)
+    if status is not None:
+        query = query.where(RunRow.status == status)
+    rows = list(session.scalars(query))
+    latest = repository.latest_metrics(session, [row.id for row in rows])
+    return [_to_read(row, latest.get(row.id)) for row in rows]
+
+
+def metrics(session: Session, run_id: uuid.UUID) -> MetricsList:
+    get_row(session, run_id)
+    return MetricsList(
+        run_id=run_id,
+        items=[EpochMetricsRead.model_validate(row) for row in repository.metrics(session, run_id)],
+    )
+
+
+def load_model(session: Session, run_id: uuid.UUID) -> TrainedModel:
+    stored = repository.weights(session, run_id)
+    if stored is None:
+        raise InvalidState(f"run {run_id} has no stored weights")
+    return TrainedModel.from_stored(stored.network, stored.preprocessing, stored.weights)
+
+
+def predict(
+    session: Session, settings: Settings, cache: ModelCache, run_id: uuid.UUID, request: PredictRequest
+) -> PredictResponse:
+    row = get_row(session, run_id)
+    if row.status != RunStatus.SUCCEEDED:
+        raise InvalidState(f"run {run_id} is {row.status}; predictions need a succeeded run")
+    if len(request.inputs) > settings.max_predict_inputs:
+        raise InvalidInput(
+            f"at most {settings.max_predict_inputs} inputs per request",
+            errors=[{"loc": ["body", "inputs"], "msg": f"{len(request.inputs)} inputs", "type": "too_long"}],
+        )
+    if request.samples > settings.max_samples:
+        raise InvalidInput(
+            f"at most {settings.max_samples} samples",
+            errors=[{"loc": ["body", "samples"], "msg": f"{request.samples} samples", "type": "too_large"}],
+        )
+    model = cache.get(run_id, lambda: load_model(session, run_id))
+    expected = model.network.n_inputs
+    wrong = [
+        {"loc": ["body", "inputs", i], "msg": f"{len(values)} features, the model takes {expected}", "type": "wrong_length"}
+        for i, values in enumerate(request.inputs) if len(values) != expected
+    ]
+    if wrong:
+        raise InvalidInput(f"every input needs {expected} features", errors=wrong[:20])
+    features = np.asarray(request.inputs, dtype=np.float64)
+    with np.errstate(over="ignore"):
+        overflow = not np.isfinite(features.astype(np.float32)).all()
+    if overflow:
+        raise InvalidInput(
+            "inputs overflow float32",
+            errors=[{"loc": ["body", "inputs"], "msg": "values beyond ±3.4e38", "type": "value_error"}],
+        )
+    predictions = model.predict(features.astype(np.float32), request.samples, request.seed)
+    return PredictResponse(
+        run_id=run_id, task=model.task, samples=request.samples, seed=request.seed,
+        class_names=model.class_names, predictions=predictions,
+    )
