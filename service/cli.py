@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from typing import Annotated
 
 import typer
 
-from service.config import get_settings
+from service.config import Settings, get_settings
 
 app = typer.Typer(help="mcdrop: dropout networks trained by workers, served with MC dropout.", no_args_is_help=True)
 
@@ -41,16 +43,33 @@ def serve(
     port: Annotated[int | None, typer.Option(help="default: MCDROP_PORT")] = None,
 ) -> None:
     """Run the HTTP API (uvicorn)."""
+    settings = get_settings()
+    _configure_logging(settings.log_level)
+    _run_api(settings, host or settings.host, port or settings.port)
+
+
+def _run_api(settings: Settings, host: str, port: int) -> None:
+    """Serve until SIGINT/SIGTERM, then return (uvicorn would re-raise the signal instead,
+    which kills the process before ``up`` can stop its worker)."""
     import uvicorn
 
     from service.api.app import create_app
 
-    settings = get_settings()
-    _configure_logging(settings.log_level)
-    uvicorn.run(
-        create_app(settings), host=host or settings.host, port=port or settings.port,
-        log_level=settings.log_level, access_log=False, timeout_graceful_shutdown=10,
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    config = uvicorn.Config(
+        create_app(settings), host=host, port=port, log_level=settings.log_level,
+        access_log=False, timeout_graceful_shutdown=10,
     )
+    Server(config).run()
 
 
 def default_queues() -> list[str]:
@@ -130,7 +149,7 @@ def up() -> None:
                 worker_process.wait()
 
     try:
-        serve(host=None, port=None)
+        _run_api(settings, settings.host, settings.port)
     finally:
         stop_worker()
 
