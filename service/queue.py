@@ -77,3 +77,21 @@ def check_broker(settings: Settings) -> None:
     """Raise if the broker cannot be reached (used by /readyz)."""
     with _client(settings).connection_for_write() as connection:
         connection.ensure_connection(max_retries=1, timeout=2)
+
+
+def prune_processed_messages(settings: Settings, older_than_s: float = 3600.0) -> int:
+    """Embedded broker: delete consumed message files (kept so a consumer's move is atomic)."""
+    if not settings.embedded_broker:
+        return 0
+    import time
+
+    cutoff = time.time() - older_than_s
+    removed = 0
+    for path in (settings.broker_folder / "processed").glob("*.msg"):
+        try:
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed += 1
+        except FileNotFoundError:
+            continue
+    return removed
