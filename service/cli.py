@@ -113,6 +113,46 @@ def worker(
     celery_app.worker_main(argv)
 
 
+@app.command()
+def watch(
+    run_id: Annotated[str, typer.Argument(help="the run to follow")],
+    url: Annotated[str, typer.Option(help="API base URL", envvar="MCDROP_URL")] = "http://127.0.0.1:8000",
+) -> None:
+    """Follow a run live (Server-Sent Events): a progress bar until it ends. Exit 0 if it succeeded."""
+    from service.watch import WatchError
+    from service.watch import watch as follow
+
+    try:
+        status = follow(url.rstrip("/"), run_id)
+    except WatchError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from None
+    raise typer.Exit(0 if status == "succeeded" else 1)
+
+
+@app.command("worker-alive")
+def worker_alive() -> None:
+    """Health check for a worker container: exit 0 if a worker on this host heartbeated
+    recently (answers while it trains, unlike a broker ping to a busy single-process worker)."""
+    import socket
+    from datetime import timedelta
+
+    from sqlalchemy import select
+
+    from service.db import session_scope, utcnow
+    from service.jobs.models import WorkerRow
+
+    settings = get_settings()
+    cutoff = utcnow() - timedelta(seconds=3 * settings.heartbeat_interval_s + 5)
+    with session_scope(settings.sqlalchemy_url) as session:
+        seen = session.scalar(
+            select(WorkerRow.name).where(WorkerRow.hostname == socket.gethostname(), WorkerRow.last_seen_at >= cutoff)
+        )
+    if seen is None:
+        typer.echo("no recent heartbeat from a worker on this host", err=True)
+        raise typer.Exit(1)
+
+
 def _die_with_parent() -> None:
     """In a child: get SIGTERM when the parent dies, even by SIGKILL (Linux prctl)."""
     try:

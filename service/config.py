@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -43,6 +43,24 @@ class Settings(BaseSettings):
     max_epochs: int = 100_000
     model_cache_size: int = 32
     broker_polling_interval: float = 0.1
+
+    # Jobs that survive (leases, reconciler, retries)
+    lease_s: float = Field(default=30.0, gt=0, description="a running run's lease; renewed every lease_s/3")
+    heartbeat_interval_s: float = Field(default=5.0, gt=0, description="worker heartbeat and reconciler period")
+    reconcile_interval_s: float = Field(default=5.0, ge=0, description="0 disables the reconciler in this process")
+    redispatch_after_s: float = Field(
+        default=60.0, gt=0,
+        description="re-send a queued run's message after this long without a worker taking it (doubles each time, capped at 1 h)",
+    )
+    transient_retry_s: float = Field(default=120.0, ge=0, description="how long a worker retries database writes")
+    task_max_retries: int = 5
+    idempotency_ttl_s: float = 24 * 3600.0
+    # Webhooks: HMAC-SHA256 signing secret shared by every process; when unset, one is generated
+    # into <data_dir>/webhook_secret (fine for one host; set it for several).
+    webhook_secret: SecretStr | None = None
+    webhook_timeout_s: float = 5.0
+    webhook_max_attempts: int = 8
+    webhook_backoff_s: float = 2.0
 
     @field_validator("data_dir")
     @classmethod

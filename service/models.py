@@ -1,6 +1,10 @@
 """Imports every ORM module so that ``Base.metadata`` knows all tables (Alembic, tests)."""
 
 from service.datasets.models import DatasetRow
-from service.runs.models import RunMetricRow, RunRow, RunWeightsRow
+from service.jobs.models import IdempotencyKeyRow, WebhookDeliveryRow, WorkerRow
+from service.runs.models import RunCheckpointRow, RunEventRow, RunMetricRow, RunRow, RunWeightsRow
 
-__all__ = ["DatasetRow", "RunMetricRow", "RunRow", "RunWeightsRow"]
+__all__ = [
+    "DatasetRow", "IdempotencyKeyRow", "RunCheckpointRow", "RunEventRow", "RunMetricRow", "RunRow",
+    "RunWeightsRow", "WebhookDeliveryRow", "WorkerRow",
+]

@@ -40,7 +40,12 @@ def broker_transport_options(settings: Settings) -> dict[str, object]:
         }
     # Redis: a message not acknowledged within the visibility timeout is delivered again.
     # Training acknowledges late (after the run is finished), so it must exceed a long run.
-    return {"visibility_timeout": 6 * 3600, "priority_steps": list(range(10))}
+    return {
+        "visibility_timeout": 6 * 3600,
+        "priority_steps": list(range(10)),
+        "queue_order_strategy": "priority",
+        "sep": ":",
+    }
 
 
 def create_celery_app(settings: Settings, name: str = "mcdrop") -> Celery:
@@ -55,6 +60,12 @@ def create_celery_app(settings: Settings, name: str = "mcdrop") -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         task_default_queue=CPU_QUEUE,
+        task_queue_max_priority=9,
+        task_default_priority=4,
+        # Hard limits apply to the prefork pool; the single-process (solo) default relies on
+        # leases and cooperative cancellation instead.
+        task_time_limit=7 * 24 * 3600,
+        task_soft_time_limit=7 * 24 * 3600 - 60,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
         task_send_sent_event=False,
@@ -67,10 +78,23 @@ def _client(settings: Settings) -> Celery:
     return create_celery_app(settings, name="mcdrop-client")
 
 
-def enqueue_training(settings: Settings, run_id: uuid.UUID, device: str = "auto") -> None:
-    """Send the training task for a committed run row. Raises on broker errors."""
-    queue = CUDA_QUEUE if device == "cuda" else CPU_QUEUE
-    _client(settings).send_task(TRAIN_RUN_TASK, args=[str(run_id)], queue=queue)
+def queue_for_device(device: str) -> str:
+    """``cuda`` runs wait for a GPU worker; ``auto`` and ``cpu`` runs go to the queue every
+    worker consumes (a worker with a GPU trains ``auto`` runs on it)."""
+    return CUDA_QUEUE if device == "cuda" else CPU_QUEUE
+
+
+def enqueue_training(settings: Settings, run_id: uuid.UUID, *, queue_name: str, priority: int = 0) -> None:
+    """Send the training task for a committed run row. Raises on broker errors.
+
+    ``priority`` 0..9, higher is more urgent. Redis serves lower numbers first, so it is
+    inverted there; the embedded broker has no priorities (first in, first out).
+    """
+    broker_priority = 9 - priority if not settings.embedded_broker else None
+    _client(settings).send_task(
+        TRAIN_RUN_TASK, args=[str(run_id)], queue=queue_name, priority=broker_priority,
+        retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1},
+    )
 
 
 def check_broker(settings: Settings) -> None:

@@ -22,6 +22,12 @@ from service.api.app import create_app
 from service.config import Settings
 from service.migrate import upgrade
 
+# Short leases and reconciler periods so that crash-recovery tests finish in seconds.
+FAST_JOBS = {
+    "lease_s": 3.0, "heartbeat_interval_s": 0.5, "reconcile_interval_s": 1.0,
+    "redispatch_after_s": 2.0, "transient_retry_s": 60.0, "webhook_backoff_s": 0.5,
+}
+
 PG_ADMIN_URL = os.environ.get("MCDROP_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("MCDROP_TEST_REDIS", "redis://127.0.0.1:6379")
 REPO = Path(__file__).resolve().parents[1]
@@ -89,6 +95,7 @@ def settings(postgres_url: str, redis_url: str, tmp_path_factory: pytest.TempPat
         broker_url=redis_url,
         data_dir=tmp_path_factory.mktemp("data"),
         max_predict_inputs=64,
+        **FAST_JOBS,
     )
 
 
@@ -105,6 +112,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "MCDROP_LOG_LEVEL": "info",
         "PYTHONUNBUFFERED": "1",
     })
+    for name in FAST_JOBS:
+        env[f"MCDROP_{name.upper()}"] = str(getattr(settings, name))
     if settings.database_url:
         env["MCDROP_DATABASE_URL"] = settings.database_url
     if settings.broker_url:

@@ -36,7 +36,9 @@ def train_in_process(client: TestClient, settings: Settings, run: dict[str, Any]
     """Runs the worker's job logic in this process (the Celery path is covered end to end)."""
     import uuid
 
-    runners.train_run(uuid.UUID(run["id"]), settings)
+    from workers.daemon import WorkerDaemon
+
+    runners.train_run(uuid.UUID(run["id"]), settings, WorkerDaemon(settings, ["cpu"], "cpu"))
     body = client.get(f"/v1/runs/{run['id']}").json()
     assert body["status"] == "succeeded", body
     return body

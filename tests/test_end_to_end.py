@@ -75,12 +75,14 @@ def _wait_gone(marker: str, timeout: float) -> list[int]:
     return left
 
 
-def _start_embedded(tmp_path: Path) -> tuple[Process, str, str]:
-    data_dir = tmp_path / "embedded-data"
+def _start_embedded(
+    tmp_path: Path, *, data_dir: str | None = None, log_name: str = "up.log", extra_env: dict[str, str] | None = None,
+) -> tuple[Process, str, str]:
+    data_dir = data_dir or str(tmp_path / "embedded-data")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MCDROP_")}
-    env.update({"MCDROP_DATA_DIR": str(data_dir), "MCDROP_PORT": str(port), "PYTHONUNBUFFERED": "1"})
-    process = Process([sys.executable, "-m", "service.cli", "up"], env, tmp_path / "up.log")
+    env.update({"MCDROP_DATA_DIR": data_dir, "MCDROP_PORT": str(port), "PYTHONUNBUFFERED": "1", **(extra_env or {})})
+    process = Process([sys.executable, "-m", "service.cli", "up"], env, tmp_path / log_name)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
     while True:
@@ -93,7 +95,7 @@ def _start_embedded(tmp_path: Path) -> tuple[Process, str, str]:
             raise AssertionError(f"mcdrop up did not become ready:\n{process.output()[-4000:]}")
         time.sleep(0.3)
     process.wait_for_output(" ready.", timeout=90)  # the worker
-    return process, base, str(data_dir)
+    return process, base, data_dir
 
 
 def test_embedded_mode_as_make_run_starts_it(tmp_path: Path) -> None:

@@ -1,27 +1,36 @@
-"""The job logic behind the tasks: claim the row, train with service.ml, persist, mark state."""
+"""The job logic behind the tasks: claim the run, train with service.ml (resuming from the
+last checkpoint), persist every epoch, mark the final state.
+
+Failure policy:
+- bad data, diverging loss (NaN/inf), out of memory -> ``failed`` with a clear message, no retry;
+- transient infrastructure errors (database/broker unreachable) -> retried in place with
+  backoff for ``transient_retry_s``, then raised so Celery retries the task; meanwhile the
+  lease runs out and the reconciler hands the run out again — nothing is lost;
+- worker shutdown -> the run goes back to the queue and resumes from its last checkpoint;
+- cancel requested -> ``cancelled`` at the next batch boundary, metrics so far kept.
+"""
 
 from __future__ import annotations
 
 import logging
-import socket
 import uuid
 from collections.abc import Callable
 
 import torch
 
-from service import queue
 from service.config import Settings
 from service.datasets import service as datasets
-from service.db import session_scope
-from service.ml.training import EpochMetrics, TrainingCancelled, TrainingError
-from service.runs import repository
+from service.db import session_scope, utcnow
+from service.jobs import reconciler, webhooks
+from service.jobs.transient import is_transient, retry_transient
+from service.ml.training import EpochMetrics, NonFiniteLossError, TrainingCancelled, TrainingError
+from service.runs import checkpoints, lifecycle, repository
 from service.runs.modelling import prepare_training
 from service.runs.models import RunStatus
 from service.runs.schemas import RunCreate
+from workers.daemon import Attempt, WorkerDaemon
 
 log = logging.getLogger(__name__)
-
-WORKER_NAME = f"{socket.gethostname()}:{__import__('os').getpid()}"
 
 
 def choose_device(settings: Settings, requested: str | None) -> str:
@@ -35,65 +44,122 @@ def choose_device(settings: Settings, requested: str | None) -> str:
     return "cpu"
 
 
-def train_run(run_id: uuid.UUID, settings: Settings, should_stop: Callable[[], bool] = lambda: False) -> None:
+def train_run(
+    run_id: uuid.UUID, settings: Settings, daemon: WorkerDaemon,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> None:
     url = settings.sqlalchemy_url
-    with session_scope(url) as session:
+    budget = settings.transient_retry_s
+    attempt = daemon.track(run_id)
+    try:
+        claimed = retry_transient(lambda: _claim(settings, run_id, attempt, daemon), budget_s=budget, what=f"claim run {run_id}")
+        if claimed is None:
+            return
+        spec, dataset, checkpoint_blob, device = claimed
+        _train(settings, run_id, attempt, spec, dataset, checkpoint_blob, device, should_stop)
+    finally:
+        daemon.untrack(attempt)
+    try:  # the terminal event's webhook, right away (the reconciler retries failures)
+        webhooks.deliver_due(settings)
+    except Exception as exc:
+        log.warning("webhook delivery deferred: %s", exc)
+
+
+def _claim(settings: Settings, run_id: uuid.UUID, attempt: Attempt, daemon: WorkerDaemon):
+    with session_scope(settings.sqlalchemy_url) as session:
         row = repository.get(session, run_id)
         if row is None:
             log.warning("run %s does not exist; message dropped", run_id)
-            return
-        if row.status != RunStatus.QUEUED:
+            return None
+        if row.status in RunStatus.TERMINAL:
             log.info("run %s is already %s; nothing to do", run_id, row.status)
-            return
+            return None
         spec_data = {key: value for key, value in row.spec.items() if key != "task"}
         try:
             device = choose_device(settings, spec_data.get("device"))
         except TrainingError as exc:
-            repository.fail(session, run_id, str(exc))
-            return
-        if not repository.claim(session, run_id, worker=WORKER_NAME, device=device):
-            log.info("run %s was claimed by another worker", run_id)
-            return
+            lifecycle.transition(session, run_id, RunStatus.FAILED, expected=[RunStatus.QUEUED], values={"error": str(exc)})
+            return None
+        if not lifecycle.claim(session, run_id, owner=attempt.owner, worker=daemon.name, device=device,
+                               lease_s=settings.lease_s):
+            session.rollback()
+            log.info("run %s is held by another worker (or not claimable); nothing to do", run_id)
+            return None
+        session.commit()
         spec = RunCreate.model_validate({**spec_data, "dataset_id": row.dataset_id})
         dataset = datasets.load_arrays(session, row.dataset_id)
+        stored = repository.checkpoint(session, run_id)
+        return spec, dataset, (stored.state if stored is not None else None), device
 
-    log.info("training run %s on %s (%d epochs)", run_id, device, spec.training.epochs)
+
+def _train(settings, run_id, attempt: Attempt, spec: RunCreate, dataset, checkpoint_blob, device, should_stop) -> None:
+    url = settings.sqlalchemy_url
+    budget = settings.transient_retry_s
+
+    def stop_requested() -> bool:
+        return should_stop() or attempt.lost.is_set() or attempt.cancel_requested.is_set()
 
     def record(metrics: EpochMetrics) -> None:
-        with session_scope(url) as session:
-            repository.record_epoch(session, run_id, metrics.to_dict())
+        blob = checkpoints.serialize(job.trainer.state_dict())
+
+        def write() -> bool:
+            with session_scope(url) as session:
+                return repository.record_epoch(session, run_id, attempt.owner, metrics.to_dict(), blob)
+
+        if retry_transient(write, budget_s=budget, what=f"record epoch {metrics.epoch} of run {run_id}"):
+            attempt.cancel_requested.set()
+
+    def end(to: str, **values) -> bool:
+        def write() -> bool:
+            with session_scope(url) as session:
+                return lifecycle.transition(session, run_id, to, expected=[RunStatus.RUNNING], owner=attempt.owner,
+                                            values=values, event={k: v for k, v in values.items() if k == "error"} or None)
+        return retry_transient(write, budget_s=budget, what=f"mark run {run_id} {to}")
 
     try:
         job = prepare_training(dataset, spec, device=device)
-        job.fit(on_epoch=record, should_stop=should_stop)
-        if should_stop() and job.trainer.epochs_done < spec.training.epochs:
-            raise TrainingCancelled(job.trainer.epochs_done, mid_epoch=False)
+        if checkpoint_blob is not None:
+            job.trainer.load_state_dict(checkpoints.deserialize(checkpoint_blob, device))
+            log.info("run %s resumes after epoch %d", run_id, job.trainer.epochs_done)
+        log.info("training run %s on %s (epochs %d..%d)", run_id, device, job.trainer.epochs_done + 1, spec.training.epochs)
+        job.fit(on_epoch=record, should_stop=stop_requested)
         model = job.finish()
-        with session_scope(url) as session:
-            repository.succeed(
-                session, run_id, network=model.network.to_dict(),
-                preprocessing=model.preprocessing(), weights=model.weights_blob(),
-            )
+
+        def store() -> None:
+            with session_scope(url) as session:
+                repository.succeed(session, run_id, attempt.owner, network=model.network.to_dict(),
+                                   preprocessing=model.preprocessing(), weights=model.weights_blob())
+
+        retry_transient(store, budget_s=budget, what=f"store the weights of run {run_id}")
         log.info("run %s succeeded", run_id)
+    except repository.LeaseLost as exc:
+        log.warning("%s; another worker carries on", exc)
     except TrainingCancelled:
-        # The worker is shutting down: hand the run back so another worker (or this one after
-        # a restart) trains it. Its metrics so far are kept.
-        with session_scope(url) as session:
-            repository.requeue(session, run_id)
-        queue.enqueue_training(settings, run_id, spec.device)
-        log.info("run %s handed back to the queue (worker shutting down)", run_id)
-    except (TrainingError, ValueError) as exc:
-        _fail(url, run_id, f"{type(exc).__name__}: {exc}")
+        if attempt.lost.is_set():
+            log.warning("run %s: lease lost; stopping (another worker carries on)", run_id)
+        elif attempt.cancel_requested.is_set():
+            end(RunStatus.CANCELLED, error=None)
+            log.info("run %s cancelled", run_id)
+        else:
+            # The worker is shutting down: back to the queue, to resume from the checkpoint.
+            if end(RunStatus.QUEUED, lease_owner=None, lease_expires_at=None, worker=None, dispatched_at=utcnow()):
+                with session_scope(url) as session:
+                    row = repository.get(session, run_id)
+                    if row is not None:
+                        reconciler.dispatch(settings, row)
+                log.info("run %s handed back to the queue (worker shutting down)", run_id)
+    except NonFiniteLossError as exc:
+        end(RunStatus.FAILED, error=(
+            f"training diverged: the loss became NaN or infinite in epoch {exc.epoch}, batch {exc.batch}; "
+            "try a lower learning rate or stronger regularisation"))
     except torch.cuda.OutOfMemoryError as exc:
-        _fail(url, run_id, f"out of memory on {device}: {exc}")
+        end(RunStatus.FAILED, error=f"out of memory on {device}: {str(exc)[:500]}")
     except MemoryError:
-        _fail(url, run_id, "out of memory")
+        end(RunStatus.FAILED, error=f"out of memory on {device}")
+    except (TrainingError, ValueError) as exc:
+        end(RunStatus.FAILED, error=f"{type(exc).__name__}: {exc}")
     except Exception as exc:
+        if is_transient(exc):
+            raise
         log.exception("run %s failed unexpectedly", run_id)
-        _fail(url, run_id, f"internal error: {type(exc).__name__}: {exc}")
-
-
-def _fail(url: str, run_id: uuid.UUID, error: str) -> None:
-    log.warning("run %s failed: %s", run_id, error)
-    with session_scope(url) as session:
-        repository.fail(session, run_id, error)
+        end(RunStatus.FAILED, error=f"internal error: {type(exc).__name__}: {str(exc)[:500]}")

@@ -10,8 +10,9 @@ import torch
 from fastapi import FastAPI
 
 from service.api.errors import install_error_handlers
-from service.api.routes import datasets, health, runs
+from service.api.routes import datasets, events, health, queue, runs
 from service.config import Settings, get_settings
+from service.jobs.reconciler import ReconcilerThread
 from service.runs.inference import ModelCache
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # the worker's threads on a small machine.
         if settings.api_torch_threads > 0:
             torch.set_num_threads(settings.api_torch_threads)
-        yield
+        background = ReconcilerThread(settings).start() if settings.reconcile_interval_s > 0 else None
+        try:
+            yield
+        finally:
+            if background is not None:
+                background.stop()
 
     app = FastAPI(
         title="mcdrop",
@@ -37,6 +43,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.model_cache = ModelCache(settings.model_cache_size)
     install_error_handlers(app)
-    for module in (health, datasets, runs):
+    for module in (health, datasets, runs, events, queue):
         app.include_router(module.router)
     return app

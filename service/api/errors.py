@@ -69,7 +69,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(DomainError)
     async def domain_error(request: Request, exc: DomainError) -> JSONResponse:
         status = next((code for kind, code in STATUS_BY_ERROR if isinstance(exc, kind)), 400)
-        return problem(request, status, exc.detail, errors=exc.errors)
+        retry_after = getattr(exc, "retry_after_s", None)
+        headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+        return problem(request, status, exc.detail, errors=exc.errors, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -8,6 +8,8 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
+    Boolean,
     Float,
     ForeignKey,
     Integer,
@@ -27,8 +29,9 @@ class RunStatus:
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
-    TERMINAL = frozenset({SUCCEEDED, FAILED})
-    ALL = (QUEUED, RUNNING, SUCCEEDED, FAILED)
+    CANCELLED = "cancelled"
+    TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
+    ALL = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 
 
 class RunRow(Base):
@@ -42,6 +45,17 @@ class RunRow(Base):
     epochs_done: Mapped[int] = mapped_column(Integer, default=0)
     device: Mapped[str | None] = mapped_column(String(20), nullable=True)  # where it trained
     worker: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    queue: Mapped[str] = mapped_column(String(40), default="cpu")
+    priority: Mapped[int] = mapped_column(Integer, default=0)  # 0..9, higher is more urgent
+    callback_url: Mapped[str | None] = mapped_column(String(2000), nullable=True)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Lease: the worker training the run renews it (heartbeat); an expired lease lets the
+    # reconciler hand the run to another worker. Every write of a worker is fenced by owner.
+    lease_owner: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    dispatch_count: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
@@ -86,3 +100,36 @@ class RunWeightsRow(Base):
     size_bytes: Mapped[int] = mapped_column(Integer)
     weights: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class RunEventRow(Base):
+    """Every state change and every finished epoch, in order: the run's history and the
+    source of its Server-Sent Events stream (any API replica can stream what any worker wrote)."""
+
+    __tablename__ = "run_events"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    run_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(20))  # "status" or "epoch"
+    status: Mapped[str] = mapped_column(String(20))  # the run's status after the event
+    data: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class RunCheckpointRow(Base):
+    """The latest end-of-epoch training state: weights, optimiser state, RNG states, epoch.
+
+    Serialised with torch.save and read back with ``torch.load(weights_only=True)``.
+    """
+
+    __tablename__ = "run_checkpoints"
+
+    run_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True
+    )
+    epoch: Mapped[int] = mapped_column(Integer)
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    state: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)

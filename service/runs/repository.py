@@ -1,4 +1,4 @@
-"""Queries and state transitions on run rows. Transitions are compare-and-set updates."""
+"""Queries and writes on run rows. State changes go through service.runs.lifecycle."""
 
 from __future__ import annotations
 
@@ -6,10 +6,23 @@ import uuid
 from typing import Any
 
 from sqlalchemy import select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from service.db import utcnow
-from service.runs.models import RunMetricRow, RunRow, RunStatus, RunWeightsRow
+from service.runs import lifecycle
+from service.runs.models import (
+    RunCheckpointRow,
+    RunMetricRow,
+    RunRow,
+    RunStatus,
+    RunWeightsRow,
+)
+
+
+class LeaseLost(Exception):
+    """The worker's lease on the run is gone (expired and taken over, or the run was ended)."""
 
 
 def get(session: Session, run_id: uuid.UUID) -> RunRow | None:
@@ -37,65 +50,61 @@ def metrics(session: Session, run_id: uuid.UUID) -> list[RunMetricRow]:
     ))
 
 
-def claim(session: Session, run_id: uuid.UUID, *, worker: str, device: str) -> bool:
-    """queued -> running, if and only if it is still queued (at most one worker wins)."""
+def checkpoint(session: Session, run_id: uuid.UUID) -> RunCheckpointRow | None:
+    return session.get(RunCheckpointRow, run_id)
+
+
+def record_epoch(
+    session: Session, run_id: uuid.UUID, owner: str, values: dict[str, Any], checkpoint_blob: bytes
+) -> bool:
+    """One transaction: the epoch's metrics, its event, the checkpoint and epochs_done —
+    fenced by the lease owner, so a worker that lost its lease writes nothing.
+
+    Returns whether cancellation has been requested.
+    """
+    epoch = values["epoch"]
     now = utcnow()
-    result = session.execute(
+    held = session.execute(
         update(RunRow)
-        .where(RunRow.id == run_id, RunRow.status == RunStatus.QUEUED)
-        .values(status=RunStatus.RUNNING, worker=worker, device=device, started_at=now, updated_at=now)
-    )
-    session.commit()
-    return result.rowcount == 1
-
-
-def record_epoch(session: Session, run_id: uuid.UUID, values: dict[str, Any]) -> None:
+        .where(RunRow.id == run_id, RunRow.lease_owner == owner, RunRow.status == RunStatus.RUNNING)
+        .values(epochs_done=epoch, updated_at=now)
+    ).rowcount == 1
+    if not held:
+        session.rollback()
+        raise LeaseLost(f"run {run_id}: lease lost before epoch {epoch} was recorded")
     session.add(RunMetricRow(run_id=run_id, **values))
-    session.execute(
-        update(RunRow).where(RunRow.id == run_id).values(epochs_done=values["epoch"], updated_at=utcnow())
-    )
+    row = session.get(RunRow, run_id)
+    assert row is not None
+    lifecycle.add_event(session, run_id, "epoch", RunStatus.RUNNING, {**values, "epochs_total": row.epochs_total})
+    checkpoint_values = {"run_id": run_id, "epoch": epoch, "state": checkpoint_blob,
+                         "size_bytes": len(checkpoint_blob), "updated_at": now}
+    insert = pg_insert if session.bind.dialect.name == "postgresql" else sqlite_insert  # type: ignore[union-attr]
+    statement = insert(RunCheckpointRow).values(**checkpoint_values)
+    session.execute(statement.on_conflict_do_update(
+        index_elements=[RunCheckpointRow.run_id],
+        set_={key: statement.excluded[key] for key in ("epoch", "state", "size_bytes", "updated_at")},
+    ))
+    cancel = bool(row.cancel_requested)
     session.commit()
+    return cancel
 
 
 def succeed(
-    session: Session, run_id: uuid.UUID, *, network: dict[str, Any], preprocessing: dict[str, Any],
-    weights: bytes,
+    session: Session, run_id: uuid.UUID, owner: str, *, network: dict[str, Any],
+    preprocessing: dict[str, Any], weights: bytes,
 ) -> None:
-    """Store the weights and mark the run succeeded in one transaction."""
+    """Store the weights and mark the run succeeded in one transaction (fenced by owner)."""
     session.add(RunWeightsRow(
         run_id=run_id, network=network, preprocessing=preprocessing, weights=weights,
         size_bytes=len(weights),
     ))
-    now = utcnow()
-    session.execute(
-        update(RunRow)
-        .where(RunRow.id == run_id, RunRow.status == RunStatus.RUNNING)
-        .values(status=RunStatus.SUCCEEDED, finished_at=now, updated_at=now, error=None)
-    )
-    session.commit()
-
-
-def fail(session: Session, run_id: uuid.UUID, error: str) -> None:
-    now = utcnow()
-    session.execute(
-        update(RunRow)
-        .where(RunRow.id == run_id, RunRow.status.in_([RunStatus.QUEUED, RunStatus.RUNNING]))
-        .values(status=RunStatus.FAILED, error=error[:4000], finished_at=now, updated_at=now)
-    )
+    if not lifecycle.transition(session, run_id, RunStatus.SUCCEEDED, expected=[RunStatus.RUNNING],
+                                owner=owner, values={"error": None}):
+        session.rollback()
+        raise LeaseLost(f"run {run_id}: lease lost before its weights were stored")
+    session.execute(RunCheckpointRow.__table__.delete().where(RunCheckpointRow.run_id == run_id))
     session.commit()
 
 
 def weights(session: Session, run_id: uuid.UUID) -> RunWeightsRow | None:
     return session.get(RunWeightsRow, run_id)
-
-
-def requeue(session: Session, run_id: uuid.UUID) -> None:
-    """running -> queued (the worker is stopping); completed epochs' metrics are removed so the
-    history matches the restarted training."""
-    session.execute(
-        update(RunRow)
-        .where(RunRow.id == run_id, RunRow.status == RunStatus.RUNNING)
-        .values(status=RunStatus.QUEUED, worker=None, epochs_done=0, updated_at=utcnow())
-    )
-    session.execute(RunMetricRow.__table__.delete().where(RunMetricRow.run_id == run_id))
-    session.commit()

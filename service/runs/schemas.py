@@ -6,11 +6,11 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, UrlConstraints, field_validator, model_validator
 
 DropoutRate = Annotated[float, Field(ge=0.0, lt=1.0)]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
-RunStatusName = Literal["queued", "running", "succeeded", "failed"]
+RunStatusName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
 class ModelSpec(BaseModel):
@@ -96,6 +96,10 @@ class RunCreate(BaseModel):
     model: ModelSpec = Field(default_factory=ModelSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    priority: int = Field(default=0, ge=0, le=9, description="0..9, higher is more urgent (honoured on Redis)")
+    callback_url: Annotated[HttpUrl, UrlConstraints(max_length=2000, allowed_schemes=["http", "https"])] | None = Field(
+        default=None, description="http(s) URL that receives a signed POST on every terminal state"
+    )
 
 
 class EpochMetricsRead(BaseModel):
@@ -117,6 +121,10 @@ class RunRead(BaseModel):
     task: str
     status: RunStatusName
     spec: dict[str, Any]
+    priority: int
+    callback_url: str | None
+    cancel_requested: bool
+    attempts: int
     epochs_done: int
     epochs_total: int
     latest_metrics: EpochMetricsRead | None

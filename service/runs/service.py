@@ -7,14 +7,16 @@ import secrets
 import uuid
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from service import queue
+from service.db import utcnow
+from service.jobs import reconciler, webhooks
 from service.config import Settings
 from service.datasets import service as datasets
 from service.errors import InvalidInput, InvalidState, NotFound
-from service.runs import repository
+from service.runs import lifecycle, repository
 from service.runs.inference import ModelCache
 from service.runs.modelling import TrainedModel
 from service.runs.models import RunRow, RunStatus
@@ -37,6 +39,10 @@ def _to_read(row: RunRow, latest: object | None) -> RunRead:
         task=row.spec.get("task", ""),
         status=row.status,  # type: ignore[arg-type]
         spec={key: value for key, value in row.spec.items() if key != "task"},
+        priority=row.priority,
+        callback_url=row.callback_url,
+        cancel_requested=row.cancel_requested,
+        attempts=row.attempts,
         epochs_done=row.epochs_done,
         epochs_total=row.epochs_total,
         latest_metrics=EpochMetricsRead.model_validate(latest) if latest is not None else None,
@@ -76,18 +82,22 @@ def create(session: Session, settings: Settings, data: RunCreate) -> RunRead:
     if data.training.seed is None:
         # Record the seed so that every run is reproducible, even one submitted without a seed.
         data = data.model_copy(update={"training": data.training.model_copy(update={"seed": secrets.randbelow(2**31)})})
-    spec = data.model_dump(mode="json", exclude={"dataset_id"})
+    spec = data.model_dump(mode="json", exclude={"dataset_id", "callback_url", "priority"})
     spec["task"] = dataset.task
+    now = utcnow()
     row = RunRow(
         dataset_id=dataset.id, status=RunStatus.QUEUED, spec=spec,
         epochs_total=data.training.epochs, epochs_done=0,
+        queue=queue.queue_for_device(data.device), priority=data.priority,
+        callback_url=str(data.callback_url) if data.callback_url else None,
+        created_at=now, dispatched_at=now, dispatch_count=1,
     )
     session.add(row)
+    session.flush()
+    lifecycle.add_event(session, row.id, "status", RunStatus.QUEUED, {"status": RunStatus.QUEUED})
     session.commit()  # the row exists before its message does
-    try:
-        queue.enqueue_training(settings, row.id, data.device)
-    except Exception:  # the row stays queued; it is dispatched again when the broker is back
-        log.exception("could not enqueue run %s; it stays queued", row.id)
+    # A failed send leaves the run queued: the reconciler sends it again later.
+    reconciler.dispatch(settings, row)
     return _to_read(row, None)
 
 
@@ -164,3 +174,29 @@ def predict(
         run_id=run_id, task=model.task, samples=request.samples, seed=request.seed,
         class_names=model.class_names, predictions=predictions,
     )
+
+
+def cancel(session: Session, settings: Settings, run_id: uuid.UUID) -> tuple[RunRead, bool]:
+    """Cancel a run: a queued run at once; a running one at its next batch boundary (its
+    worker sees the flag through its lease renewal or epoch record). Returns (run, done)."""
+    row = get_row(session, run_id)
+    if row.status in RunStatus.TERMINAL:
+        raise InvalidState(f"run {run_id} is already {row.status}; only queued or running runs can be cancelled")
+    if lifecycle.transition(session, run_id, RunStatus.CANCELLED, expected=[RunStatus.QUEUED],
+                            event={"reason": "cancelled by request"}):
+        session.commit()
+        try:  # the cancellation's webhook, right away (the reconciler retries failures)
+            webhooks.deliver_due(settings)
+        except Exception as exc:
+            log.warning("webhook delivery deferred: %s", exc)
+        return read(session, run_id), True
+    flagged = session.execute(
+        update(RunRow).where(RunRow.id == run_id, RunRow.status == RunStatus.RUNNING)
+        .values(cancel_requested=True, updated_at=utcnow())
+    ).rowcount == 1
+    session.commit()
+    if not flagged:  # it ended in the meantime
+        session.expire_all()
+        row = get_row(session, run_id)
+        raise InvalidState(f"run {run_id} is already {row.status}; only queued or running runs can be cancelled")
+    return read(session, run_id), False

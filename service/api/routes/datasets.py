@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import json
-from typing import Annotated, Literal
-
-from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi import APIRouter, Request, UploadFile
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 from pydantic import ValidationError
 
 from service.api.deps import SessionDep, SettingsDep, ValidDataset
+from service.api.idempotency import IdempotencyKey, canonical, create_once
+from service.jobs.idempotency import fingerprint
 from service.datasets import service as datasets
-from service.datasets.schemas import DatasetCreate, DatasetList, DatasetName, DatasetRead
+from service.datasets.schemas import DatasetCreate, DatasetList, DatasetRead
 from service.errors import InvalidInput, PayloadTooLarge
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
@@ -58,13 +59,20 @@ async def _read_limited(upload: UploadFile, limit: int) -> bytes:
         }
     },
 )
-async def create_dataset(request: Request, session: SessionDep, settings: SettingsDep) -> DatasetRead:
+async def create_dataset(
+    request: Request, session: SessionDep, settings: SettingsDep, idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
     content_type = request.headers.get("content-type", "")
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > settings.max_upload_bytes + 64 * 1024:
         raise PayloadTooLarge(f"the request body is larger than the limit of {settings.max_upload_bytes} bytes")
     if content_type.startswith("multipart/form-data"):
-        return await _create_from_form(request, session, settings)
+        name, target, task, content = await _read_form(request, settings)
+        return await run_in_threadpool(
+            create_once, settings, idempotency_key, scope="POST /v1/datasets", status_code=201,
+            fingerprint=fingerprint(b"csv", name.encode(), target.encode(), task.encode(), content),
+            create=lambda: datasets.create_from_csv(session, settings, name=name, target=target, task=task, content=content),
+        )
     if not content_type.startswith("application/json"):
         raise InvalidInput(
             "send JSON (a built-in dataset) or multipart/form-data (a CSV upload)",
@@ -80,10 +88,14 @@ async def create_dataset(request: Request, session: SessionDep, settings: Settin
             "the request body is not valid",
             errors=[{"loc": ["body", *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in exc.errors()],
         ) from None
-    return datasets.create_builtin(session, data)
+    return await run_in_threadpool(
+        create_once, settings, idempotency_key, scope="POST /v1/datasets", status_code=201,
+        fingerprint=fingerprint(b"builtin", canonical(data.model_dump(mode="json"))),
+        create=lambda: datasets.create_builtin(session, data),
+    )
 
 
-async def _create_from_form(request: Request, session: SessionDep, settings: SettingsDep) -> DatasetRead:
+async def _read_form(request: Request, settings: SettingsDep) -> tuple[str, str, str, bytes]:
     form = await request.form(max_files=1, max_fields=10, max_part_size=settings.max_upload_bytes)
     errors = []
     for field in ("file", "name", "target", "task"):
@@ -104,9 +116,7 @@ async def _create_from_form(request: Request, session: SessionDep, settings: Set
     if not 1 <= len(name) <= 200:
         raise InvalidInput("name must have 1 to 200 characters", errors=[{"loc": ["body", "name"], "msg": "bad length", "type": "string"}])
     content = await _read_limited(upload, settings.max_upload_bytes)  # type: ignore[arg-type]
-    return datasets.create_from_csv(
-        session, settings, name=name, target=str(form["target"]).strip(), task=task, content=content
-    )
+    return name, str(form["target"]).strip(), task, content
 
 
 @router.get("", response_model=DatasetList)

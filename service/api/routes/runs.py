@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Response
+from fastapi.responses import JSONResponse
 
 from service.api.deps import ModelCacheDep, SessionDep, SettingsDep, ValidRun
+from service.api.idempotency import IdempotencyKey, canonical, create_once
+from service.jobs.idempotency import fingerprint
+from service.jobs import webhooks
+from service.jobs.schemas import DeliveryList
 from service.runs import service as runs
 from service.runs.schemas import (
     MetricsList,
@@ -21,10 +26,21 @@ from service.runs.schemas import (
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
 
 
-@router.post("", status_code=202, response_model=RunRead, responses={422: {"description": "invalid spec"}})
-def create_run(data: RunCreate, session: SessionDep, settings: SettingsDep) -> RunRead:
-    """Queue a training run; it is picked up by a worker. Poll it or read its metrics."""
-    return runs.create(session, settings, data)
+@router.post(
+    "", status_code=202, response_model=RunRead,
+    responses={200: {"description": "replay of an earlier request with the same Idempotency-Key", "model": RunRead},
+               409: {"description": "a request with this Idempotency-Key is still in progress"},
+               422: {"description": "invalid spec, or an Idempotency-Key reused with another body"}},
+)
+def create_run(
+    data: RunCreate, session: SessionDep, settings: SettingsDep, idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
+    """Queue a training run; a worker picks it up. Follow it with GET, /metrics or /events."""
+    return create_once(
+        settings, idempotency_key, scope="POST /v1/runs", status_code=202,
+        fingerprint=fingerprint(canonical(data.model_dump(mode="json"))),
+        create=lambda: runs.create(session, settings, data),
+    )
 
 
 @router.get("", response_model=RunList)
@@ -40,6 +56,26 @@ def list_runs(
 @router.get("/{run_id}", response_model=RunRead, responses={404: {"description": "no such run"}})
 def read_run(run: ValidRun, session: SessionDep) -> RunRead:
     return runs.read(session, run.id)
+
+
+@router.post(
+    "/{run_id}/cancel",
+    response_model=RunRead,
+    responses={200: {"description": "cancelled (it was queued)"},
+               202: {"description": "cancellation requested: the worker stops at the next batch"},
+               404: {"description": "no such run"}, 409: {"description": "the run already ended"}},
+)
+def cancel_run(run: ValidRun, session: SessionDep, settings: SettingsDep, response: Response) -> RunRead:
+    """Cancel a queued run at once, or a running one at its next batch boundary (metrics so far are kept)."""
+    body, done = runs.cancel(session, settings, run.id)
+    response.status_code = 200 if done else 202
+    return body
+
+
+@router.get("/{run_id}/deliveries", response_model=DeliveryList, responses={404: {"description": "no such run"}})
+def list_run_deliveries(run: ValidRun, session: SessionDep) -> DeliveryList:
+    """Webhook deliveries of this run's events and their outcome."""
+    return DeliveryList(items=webhooks.list_deliveries(session, run.id))
 
 
 @router.get("/{run_id}/metrics", response_model=MetricsList, responses={404: {"description": "no such run"}})

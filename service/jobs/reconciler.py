@@ -1,0 +1,114 @@
+"""The reconciler: makes sure every run that should be trained gets trained.
+
+- running runs whose lease expired (their worker died) go back to queued;
+- queued runs whose message may be lost (broker flushed, embedded broker killed mid-delivery,
+  send failed) are dispatched again, with a doubling delay so a long queue is not flooded;
+- due webhook deliveries are attempted.
+
+Every step is a compare-and-set on the database, so any number of reconcilers (in workers and
+API replicas) may run at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from datetime import timedelta
+
+from sqlalchemy import or_, select, update
+
+from service import queue
+from service.config import Settings
+from service.db import session_scope, utcnow
+from service.jobs import idempotency, webhooks
+from service.runs import lifecycle
+from service.runs.models import RunRow, RunStatus
+
+log = logging.getLogger(__name__)
+
+MAX_REDISPATCH_DELAY_S = 3600.0
+
+
+def redispatch_delay(settings: Settings, dispatch_count: int) -> float:
+    return min(MAX_REDISPATCH_DELAY_S, settings.redispatch_after_s * 2 ** max(0, dispatch_count - 1))
+
+
+def mark_dispatched(settings: Settings, run_id: uuid.UUID) -> None:
+    with session_scope(settings.sqlalchemy_url) as session:
+        session.execute(
+            update(RunRow).where(RunRow.id == run_id)
+            .values(dispatched_at=utcnow(), dispatch_count=RunRow.dispatch_count + 1)
+        )
+
+
+def dispatch(settings: Settings, run: RunRow) -> bool:
+    """Send a run's training message; False (and logged) if the broker is unreachable."""
+    try:
+        queue.enqueue_training(settings, run.id, queue_name=run.queue, priority=run.priority)
+        return True
+    except Exception as exc:
+        log.warning("could not send run %s to the broker: %s", run.id, exc)
+        return False
+
+
+def reconcile_once(settings: Settings) -> dict[str, int]:
+    url = settings.sqlalchemy_url
+    with session_scope(url) as session:
+        requeued = lifecycle.expire_leases(session)
+        session.commit()
+    for run_id in requeued:
+        log.warning("run %s: its worker stopped heartbeating; back to the queue", run_id)
+
+    now = utcnow()
+    sent = 0
+    with session_scope(url) as session:
+        candidates = list(session.scalars(
+            select(RunRow).where(
+                RunRow.status == RunStatus.QUEUED,
+                or_(RunRow.dispatched_at.is_(None), RunRow.dispatched_at < now - timedelta(seconds=settings.redispatch_after_s)),
+            ).order_by(RunRow.created_at).limit(200)
+        ))
+        for run in candidates:
+            if run.dispatched_at is not None and run.dispatched_at > now - timedelta(seconds=redispatch_delay(settings, run.dispatch_count)):
+                continue
+            # claim the right to send (another reconciler may be looking at the same row)
+            claimed = session.execute(
+                update(RunRow).where(
+                    RunRow.id == run.id, RunRow.status == RunStatus.QUEUED,
+                    RunRow.dispatch_count == run.dispatch_count,
+                ).values(dispatched_at=now, dispatch_count=run.dispatch_count + 1)
+            ).rowcount == 1
+            session.commit()
+            if claimed and dispatch(settings, run):
+                sent += 1
+                log.info("run %s dispatched again (attempt %d)", run.id, run.dispatch_count + 1)
+    delivered = webhooks.deliver_due(settings)
+    idempotency.purge_expired(url)
+    return {"requeued": len(requeued), "dispatched": sent, "webhook_attempts": delivered}
+
+
+class ReconcilerThread:
+    """Runs :func:`reconcile_once` every ``reconcile_interval_s`` in a daemon thread (API side;
+    workers run it from their own daemon thread)."""
+
+    def __init__(self, settings: Settings) -> None:
+        import threading
+
+        self.settings = settings
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="mcdrop-reconciler", daemon=True)
+
+    def start(self) -> ReconcilerThread:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.settings.reconcile_interval_s):
+            try:
+                reconcile_once(self.settings)
+            except Exception as exc:
+                log.warning("reconciler: %s: %s", type(exc).__name__, str(exc)[:300])

@@ -1,0 +1,123 @@
+"""A worker process's background thread: heartbeat, lease renewal, reconciliation.
+
+One thread per worker process. Every tick it
+- renews the lease of the run this process is training (and reads its cancel flag),
+- records the worker's heartbeat (GET /v1/queue lists workers seen recently),
+- runs the reconciler (expired leases, lost messages, webhook retries).
+It keeps going through database outages; the runner decides what a lost lease means.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import uuid
+from dataclasses import dataclass, field
+
+from service.config import Settings
+from service.jobs import reconciler, workers_registry
+from service.db import session_scope
+from service.runs import lifecycle
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Attempt:
+    """This process's hold on one run, updated by the daemon thread."""
+
+    run_id: uuid.UUID
+    owner: str
+    lost: threading.Event = field(default_factory=threading.Event)
+    cancel_requested: threading.Event = field(default_factory=threading.Event)
+
+
+class WorkerDaemon:
+    def __init__(self, settings: Settings, queues: list[str], device: str) -> None:
+        self.settings = settings
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.queues = queues
+        self.device = device
+        self.current: Attempt | None = None
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="mcdrop-daemon", daemon=True)
+
+    @property
+    def tick_s(self) -> float:
+        return min(self.settings.heartbeat_interval_s, self.settings.lease_s / 3)
+
+    def start(self) -> WorkerDaemon:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def track(self, run_id: uuid.UUID) -> Attempt:
+        attempt = Attempt(run_id=run_id, owner=f"{self.name}:{uuid.uuid4().hex[:12]}")
+        self.current = attempt
+        return attempt
+
+    def untrack(self, attempt: Attempt) -> None:
+        if self.current is attempt:
+            self.current = None
+
+    def _loop(self) -> None:
+        since_reconcile = float("inf")
+        while not self._stop.is_set():
+            self._renew()
+            self._heartbeat()
+            since_reconcile += self.tick_s
+            interval = self.settings.reconcile_interval_s
+            if interval > 0 and since_reconcile >= interval:
+                since_reconcile = 0.0
+                try:
+                    reconciler.reconcile_once(self.settings)
+                except Exception as exc:
+                    log.warning("reconciler: %s: %s", type(exc).__name__, str(exc)[:300])
+            self._wake.wait(self.tick_s)
+            self._wake.clear()
+
+    def _renew(self) -> None:
+        attempt = self.current
+        if attempt is None:
+            return
+        try:
+            with session_scope(self.settings.sqlalchemy_url) as session:
+                held, cancel = lifecycle.renew_lease(session, attempt.run_id, attempt.owner, self.settings.lease_s)
+        except Exception as exc:  # unknown: keep training, the epoch write is fenced anyway
+            log.warning("lease renewal for run %s failed: %s", attempt.run_id, str(exc)[:300])
+            return
+        if not held:
+            attempt.lost.set()
+        if cancel:
+            attempt.cancel_requested.set()
+
+    def _heartbeat(self) -> None:
+        attempt = self.current
+        try:
+            with session_scope(self.settings.sqlalchemy_url) as session:
+                workers_registry.heartbeat(
+                    session, name=self.name, hostname=socket.gethostname(), pid=os.getpid(),
+                    queues=self.queues, device=self.device,
+                    current_run_id=attempt.run_id if attempt else None,
+                )
+        except Exception as exc:
+            log.debug("heartbeat failed: %s", exc)
+
+
+_daemon: WorkerDaemon | None = None
+_lock = threading.Lock()
+
+
+def get_daemon(settings: Settings, queues: list[str], device: str) -> WorkerDaemon:
+    """The process's daemon, started on first use (also in forked pool processes)."""
+    global _daemon
+    with _lock:
+        if _daemon is None or _daemon._thread.ident is not None and not _daemon._thread.is_alive():
+            _daemon = WorkerDaemon(settings, queues, device).start()
+        return _daemon
