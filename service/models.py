@@ -2,9 +2,16 @@
 
 from service.datasets.models import DatasetRow
 from service.jobs.models import IdempotencyKeyRow, WebhookDeliveryRow, WorkerRow
-from service.runs.models import RunCheckpointRow, RunEventRow, RunMetricRow, RunRow, RunWeightsRow
+from service.runs.models import (
+    RunCheckpointRow,
+    RunEventRow,
+    RunMetricRow,
+    RunResultRow,
+    RunRow,
+    RunWeightsRow,
+)
 
 __all__ = [
-    "DatasetRow", "IdempotencyKeyRow", "RunCheckpointRow", "RunEventRow", "RunMetricRow", "RunRow",
+    "DatasetRow", "IdempotencyKeyRow", "RunCheckpointRow", "RunEventRow", "RunMetricRow", "RunResultRow", "RunRow",
     "RunWeightsRow", "WebhookDeliveryRow", "WorkerRow",
 ]

@@ -124,11 +124,13 @@ def _train(settings, run_id, attempt: Attempt, spec: RunCreate, dataset, checkpo
         log.info("training run %s on %s (epochs %d..%d)", run_id, device, job.trainer.epochs_done + 1, spec.training.epochs)
         job.fit(on_epoch=record, should_stop=stop_requested)
         model = job.finish()
+        evaluation = job.evaluate(spec.evaluation.samples, seed=spec.training.seed or 0)
 
         def store() -> None:
             with session_scope(url) as session:
                 repository.succeed(session, run_id, attempt.owner, network=model.network.to_dict(),
-                                   preprocessing=model.preprocessing(), weights=model.weights_blob())
+                                   preprocessing=model.preprocessing(), weights=model.weights_blob(),
+                                   results={"evaluation": evaluation})
 
         retry_transient(store, budget_s=budget, what=f"store the weights of run {run_id}")
         log.info("run %s succeeded", run_id)

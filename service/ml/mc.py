@@ -209,12 +209,16 @@ def summarize_classification(logit_samples: Tensor) -> ClassificationPrediction:
 
 @dataclass
 class RegressionPrediction:
-    """MC-dropout predictive mean and spread for B inputs, in original target units."""
+    """MC-dropout predictive mean and spread for B inputs, in original target units.
+
+    Homoscedastic nets have one ``aleatoric_std = 1 / sqrt(tau)`` (a float); heteroscedastic
+    nets predict it per input (an array ``[B]``).
+    """
 
     mean: np.ndarray  # [B]
-    std: np.ndarray  # [B] total: sqrt(epistemic_std**2 + 1 / tau)
+    std: np.ndarray  # [B] total: sqrt(epistemic_std**2 + aleatoric_std**2)
     epistemic_std: np.ndarray  # [B] std of the T samples (1/T convention)
-    aleatoric_std: float  # 1 / sqrt(tau), the same for every input
+    aleatoric_std: float | np.ndarray  # 1 / sqrt(tau) (float), or [B] sqrt(mean_t variance_t)
     lower: np.ndarray  # [B] mean - 1.96 std (central 95% interval of a Gaussian)
     upper: np.ndarray  # [B] mean + 1.96 std
 
@@ -237,6 +241,48 @@ def summarize_regression(output_samples: Tensor, tau: float) -> RegressionPredic
         std=std,
         epistemic_std=np.sqrt(epistemic_variance),
         aleatoric_std=float(1.0 / np.sqrt(tau)),
+        lower=mean - NORMAL_95_QUANTILE * std,
+        upper=mean + NORMAL_95_QUANTILE * std,
+    )
+
+
+def heteroscedastic_to_original_units(
+    outputs: Tensor, shift: float = 0.0, scale: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """Split heteroscedastic outputs ``[..., 2]`` (mean, log-variance of the standardised target)
+    into float64 ``(mean * scale + shift, log_variance + 2 log scale)`` in original units."""
+    if outputs.shape[-1] != 2:
+        raise ValueError(f"heteroscedastic outputs must end in (mean, log-variance), got {tuple(outputs.shape)}")
+    if not scale > 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
+    outputs = outputs.detach().to(torch.float64)
+    return outputs[..., 0] * scale + shift, outputs[..., 1] + 2.0 * float(np.log(scale))
+
+
+def summarize_regression_heteroscedastic(mean_samples: Tensor, log_variance_samples: Tensor) -> RegressionPrediction:
+    """Summarise a heteroscedastic net's samples ``mu_t, log var_t`` (``[T, B]``, original units).
+
+    Aleatoric variance ``mean_t var_t``, epistemic variance ``var_t(mu_t)`` (1/T convention),
+    total std ``sqrt(aleatoric + epistemic)``; the interval is the central 95% of a Gaussian
+    with the total std (an approximation of the mixture ``(1/T) sum_t N(mu_t, var_t)``).
+    See :func:`heteroscedastic_to_original_units` for converting the net's outputs.
+    """
+    means = mean_samples.detach().to(torch.float64)
+    log_variances = log_variance_samples.detach().to(torch.float64)
+    if means.ndim != 2 or means.shape != log_variances.shape:
+        raise ValueError(
+            "mean and log-variance samples need the same shape [T, B], got "
+            f"{tuple(mean_samples.shape)} and {tuple(log_variance_samples.shape)}"
+        )
+    mean = means.mean(dim=0).cpu().numpy()
+    epistemic_variance = means.var(dim=0, correction=0).cpu().numpy()
+    aleatoric_variance = log_variances.exp().mean(dim=0).cpu().numpy()
+    std = np.sqrt(epistemic_variance + aleatoric_variance)
+    return RegressionPrediction(
+        mean=mean,
+        std=std,
+        epistemic_std=np.sqrt(epistemic_variance),
+        aleatoric_std=np.sqrt(aleatoric_variance),
         lower=mean - NORMAL_95_QUANTILE * std,
         upper=mean + NORMAL_95_QUANTILE * std,
     )

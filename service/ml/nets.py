@@ -35,6 +35,11 @@ class NetworkSpec:
 
     ``dropout[i]`` is the dropout rate applied after hidden layer ``i`` (its activation);
     ``input_dropout`` is applied to the inputs. Lists are accepted and stored as tuples.
+
+    ``heteroscedastic`` marks a regression net with a Gaussian head (Kendall & Gal 2017):
+    output 0 is the mean and output 1 the log-variance of the (standardised) target, so
+    ``n_outputs`` must be 2 — it is not added implicitly, so that ``n_outputs`` always is the
+    width of the last layer and of its stored weights.
     """
 
     n_inputs: int
@@ -43,6 +48,7 @@ class NetworkSpec:
     dropout: tuple[float, ...]
     input_dropout: float = 0.0
     activation: Activation = "relu"
+    heteroscedastic: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden_layers", tuple(self.hidden_layers))
@@ -64,6 +70,12 @@ class NetworkSpec:
         _check_rate("input_dropout", self.input_dropout)
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if not isinstance(self.heteroscedastic, bool):
+            raise ValueError(f"heteroscedastic must be a bool, got {self.heteroscedastic!r}")
+        if self.heteroscedastic and self.n_outputs != 2:
+            raise ValueError(
+                f"a heteroscedastic net needs n_outputs=2 (mean, log-variance), got {self.n_outputs}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (tuples become lists)."""
@@ -74,11 +86,15 @@ class NetworkSpec:
             "dropout": list(self.dropout),
             "input_dropout": self.input_dropout,
             "activation": self.activation,
+            "heteroscedastic": self.heteroscedastic,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> NetworkSpec:
-        """Inverse of :meth:`to_dict`; unknown keys raise ``TypeError``."""
+        """Inverse of :meth:`to_dict`; unknown keys raise ``TypeError``.
+
+        Dicts stored before ``heteroscedastic`` existed lack it and load as homoscedastic.
+        """
         return cls(**data)
 
 

@@ -6,7 +6,10 @@ Objective per batch (the data loss is the mean over the batch's rows)::
 
 where W runs over the weight matrices of the ``nn.Linear`` layers only (biases are not
 penalised). The data loss is the cross-entropy of the logits for classification and the
-squared error on the *standardised* target for regression. The gradient of the L2 term is
+squared error on the *standardised* target for regression. For a heteroscedastic regression net
+(outputs ``mu`` and ``s = log sigma^2``, Kendall & Gal 2017) it is the Gaussian negative
+log-likelihood ``0.5 * (s + (y - mu)^2 * exp(-s))`` on the standardised target (the constant
+``0.5 * log(2 pi)`` omitted). The gradient of the L2 term is
 ``weight_decay * W``, as with torch's ``weight_decay`` but on weights only; the optimizer's own
 ``weight_decay`` is not used.
 
@@ -103,7 +106,8 @@ class EpochMetrics:
     ``train_*`` are means over the epoch's rows with dropout on, data loss only (no penalty);
     ``val_*`` come from the deterministic net (eval mode) on the validation rows and are None
     without validation rows. Accuracies are for classification, RMSEs (in original target
-    units) for regression; the others are None.
+    units) for regression; the others are None. For a heteroscedastic net the losses are the
+    Gaussian negative log-likelihood and the RMSEs are those of the predicted mean.
     """
 
     epoch: int
@@ -129,7 +133,8 @@ class Trainer:
 
     ``y`` holds class indices for classification and the standardised target for regression;
     ``target_scale`` (the target's std) converts RMSE back to original units. ``x_val`` /
-    ``y_val`` may be None or empty.
+    ``y_val`` may be None or empty. ``heteroscedastic=True`` (regression only) trains a net
+    whose two outputs are the mean and the log-variance of the standardised target.
     """
 
     def __init__(
@@ -144,9 +149,13 @@ class Trainer:
         *,
         target_scale: float = 1.0,
         device: str | torch.device = "cpu",
+        heteroscedastic: bool = False,
     ) -> None:
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        if heteroscedastic and task != "regression":
+            raise ValueError("heteroscedastic training is for regression only")
+        self.heteroscedastic = bool(heteroscedastic)
         self.device = torch.device(device)
         self.net = net.to(self.device)
         self.task = task
@@ -183,10 +192,24 @@ class Trainer:
         return target
 
     def data_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        """Mean cross-entropy of the logits, or mean squared error on the standardised target."""
+        """Mean cross-entropy of the logits, mean squared error on the standardised target, or
+        (heteroscedastic) mean ``0.5 * (log_variance + (y - mean)^2 / variance)``."""
         if self.task == "classification":
             return F.cross_entropy(outputs, targets)
+        if self.heteroscedastic:
+            mean, log_variance = self._mean_and_log_variance(outputs)
+            return 0.5 * (log_variance + (targets - mean).square() * torch.exp(-log_variance)).mean()
         return F.mse_loss(outputs.squeeze(-1), targets)
+
+    def _mean_and_log_variance(self, outputs: Tensor) -> tuple[Tensor, Tensor]:
+        if outputs.ndim != 2 or outputs.shape[1] != 2:
+            raise ValueError(f"a heteroscedastic net must output [batch, 2], got {tuple(outputs.shape)}")
+        return outputs[:, 0], outputs[:, 1]
+
+    def _squared_error_sum(self, outputs: Tensor, targets: Tensor) -> float:
+        """Sum of squared errors of the predicted mean (heteroscedastic nets only)."""
+        mean, _ = self._mean_and_log_variance(outputs)
+        return float((mean - targets).square().sum())
 
     def penalty(self) -> Tensor:
         """``(weight_decay / 2) * sum ||W||^2 + l1 * sum |W|`` over the Linear weight matrices."""
@@ -208,6 +231,7 @@ class Trainer:
         n_rows = len(self.x_train)
         order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed)).to(self.device)
         loss_sum = 0.0
+        squared_error_sum = 0.0
         correct = 0
         with seeded_rng(seed, self.device):
             self.net.train()
@@ -228,12 +252,24 @@ class Trainer:
                     loss_sum += data_loss.item() * len(rows)
                     if self.task == "classification":
                         correct += int((outputs.argmax(-1) == targets).sum())
+                    elif self.heteroscedastic:
+                        squared_error_sum += self._squared_error_sum(outputs.detach(), targets)
             finally:
                 self.net.eval()
         train_loss = loss_sum / n_rows
-        val_loss, val_correct = self._evaluate()
+        val_loss, val_correct, val_squared_error_sum = self._evaluate()
         classification = self.task == "classification"
         n_val = 0 if self.x_val is None else len(self.x_val)
+        train_rmse = val_rmse = None
+        if not classification:
+            if self.heteroscedastic:
+                train_rmse = math.sqrt(squared_error_sum / n_rows) * self.target_scale
+                if val_loss is not None:
+                    val_rmse = math.sqrt(val_squared_error_sum / n_val) * self.target_scale
+            else:
+                train_rmse = math.sqrt(train_loss) * self.target_scale
+                if val_loss is not None:
+                    val_rmse = math.sqrt(val_loss) * self.target_scale
         self.epochs_done = epoch
         return EpochMetrics(
             epoch=epoch,
@@ -241,16 +277,17 @@ class Trainer:
             val_loss=val_loss,
             train_accuracy=correct / n_rows if classification else None,
             val_accuracy=val_correct / n_val if classification and val_loss is not None else None,
-            train_rmse=None if classification else math.sqrt(train_loss) * self.target_scale,
-            val_rmse=None if classification or val_loss is None else math.sqrt(val_loss) * self.target_scale,
+            train_rmse=train_rmse,
+            val_rmse=val_rmse,
             duration_s=time.perf_counter() - started,
         )
 
-    def _evaluate(self) -> tuple[float | None, int]:
-        """Mean data loss and number of correct labels of the deterministic net on the validation rows."""
+    def _evaluate(self) -> tuple[float | None, int, float]:
+        """Mean data loss, number of correct labels and (heteroscedastic) sum of squared errors of
+        the deterministic net on the validation rows."""
         if self.x_val is None or self.y_val is None:
-            return None, 0
-        loss_sum, correct = 0.0, 0
+            return None, 0, 0.0
+        loss_sum, correct, squared_error_sum = 0.0, 0, 0.0
         with torch.inference_mode():
             for start in range(0, len(self.x_val), _EVAL_BATCH_ROWS):
                 inputs = self.x_val[start : start + _EVAL_BATCH_ROWS]
@@ -259,7 +296,9 @@ class Trainer:
                 loss_sum += self.data_loss(outputs, targets).item() * len(inputs)
                 if self.task == "classification":
                     correct += int((outputs.argmax(-1) == targets).sum())
-        return loss_sum / len(self.x_val), correct
+                elif self.heteroscedastic:
+                    squared_error_sum += self._squared_error_sum(outputs, targets)
+        return loss_sum / len(self.x_val), correct, squared_error_sum
 
     def state_dict(self) -> dict[str, Any]:
         """Checkpoint: ``{"epoch", "model", "optimizer"}`` (references, not copies)."""

@@ -39,6 +39,7 @@ class RunRow(Base):
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     dataset_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("datasets.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(20), default="train", index=True)  # "train" | "sweep"
     status: Mapped[str] = mapped_column(String(20), index=True, default=RunStatus.QUEUED)
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     epochs_total: Mapped[int] = mapped_column(Integer)
@@ -133,3 +134,16 @@ class RunCheckpointRow(Base):
     size_bytes: Mapped[int] = mapped_column(Integer)
     state: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class RunResultRow(Base):
+    """What a finished job produced besides weights: a run's held-out evaluation (MC dropout
+    beside the deterministic net), or a sweep's ranking and test results."""
+
+    __tablename__ = "run_results"
+
+    run_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True
+    )
+    data: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

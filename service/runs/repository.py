@@ -15,6 +15,7 @@ from service.runs import lifecycle
 from service.runs.models import (
     RunCheckpointRow,
     RunMetricRow,
+    RunResultRow,
     RunRow,
     RunStatus,
     RunWeightsRow,
@@ -90,14 +91,20 @@ def record_epoch(
 
 
 def succeed(
-    session: Session, run_id: uuid.UUID, owner: str, *, network: dict[str, Any],
-    preprocessing: dict[str, Any], weights: bytes,
+    session: Session, run_id: uuid.UUID, owner: str, *, network: dict[str, Any] | None = None,
+    preprocessing: dict[str, Any] | None = None, weights: bytes | None = None,
+    results: dict[str, Any] | None = None,
 ) -> None:
-    """Store the weights and mark the run succeeded in one transaction (fenced by owner)."""
-    session.add(RunWeightsRow(
-        run_id=run_id, network=network, preprocessing=preprocessing, weights=weights,
-        size_bytes=len(weights),
-    ))
+    """Store the weights and results and mark the run succeeded in one transaction (fenced by
+    the lease owner)."""
+    if weights is not None:
+        assert network is not None and preprocessing is not None
+        session.add(RunWeightsRow(
+            run_id=run_id, network=network, preprocessing=preprocessing, weights=weights,
+            size_bytes=len(weights),
+        ))
+    if results is not None:
+        session.add(RunResultRow(run_id=run_id, data=results))
     if not lifecycle.transition(session, run_id, RunStatus.SUCCEEDED, expected=[RunStatus.RUNNING],
                                 owner=owner, values={"error": None}):
         session.rollback()
@@ -108,3 +115,7 @@ def succeed(
 
 def weights(session: Session, run_id: uuid.UUID) -> RunWeightsRow | None:
     return session.get(RunWeightsRow, run_id)
+
+
+def results(session: Session, run_id: uuid.UUID) -> RunResultRow | None:
+    return session.get(RunResultRow, run_id)

@@ -34,6 +34,18 @@ class ModelSpec(BaseModel):
             "units). Omitted: estimated from the held-out residuals after training."
         ),
     )
+    prior_lengthscale: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = Field(
+        default=None,
+        description=(
+            "regression, with tau: derive the L2 weight decay from a Gaussian prior of this "
+            "length-scale, reg = l²(1 − p) / (2 N τ) (Gal & Ghahramani 2016), p the hidden "
+            "dropout rate and N the training rows; excludes training.weight_decay"
+        ),
+    )
+    heteroscedastic: bool = Field(
+        default=False,
+        description="regression only: also learn the noise variance per input (Gaussian NLL loss)",
+    )
 
     @field_validator("dropout")
     @classmethod
@@ -56,6 +68,28 @@ class ModelSpec(BaseModel):
         if isinstance(self.dropout, list):
             return list(self.dropout)
         return [self.dropout] * len(self.hidden_layers)
+
+
+RowIndex = Annotated[int, Field(ge=0)]
+
+
+class SplitSpec(BaseModel):
+    """Explicit rows (0-based) of the dataset, e.g. the published splits of a benchmark."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    train_indices: list[RowIndex] = Field(min_length=1)
+    validation_indices: list[RowIndex] | None = Field(
+        default=None,
+        description="omitted: the last validation_fraction of train_indices (the UCI protocol)",
+    )
+    test_indices: list[RowIndex] | None = Field(default=None, description="evaluated after training")
+
+
+class EvaluationSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    samples: int = Field(default=100, ge=1, le=10_000, description="T for the MC evaluation")
 
 
 class TrainingSpec(BaseModel):
@@ -95,6 +129,8 @@ class RunCreate(BaseModel):
     dataset_id: uuid.UUID
     model: ModelSpec = Field(default_factory=ModelSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
+    split: SplitSpec | None = Field(default=None, description="explicit train/validation/test rows")
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     priority: int = Field(default=0, ge=0, le=9, description="0..9, higher is more urgent (honoured on Redis)")
     callback_url: Annotated[HttpUrl, UrlConstraints(max_length=2000, allowed_schemes=["http", "https"])] | None = Field(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import secrets
 import uuid
+from typing import Any
 
 import numpy as np
 from sqlalchemy import select, update
@@ -62,18 +63,9 @@ def create(session: Session, settings: Settings, data: RunCreate) -> RunRead:
             f"dataset {data.dataset_id} does not exist",
             errors=[{"loc": ["body", "dataset_id"], "msg": "no such dataset", "type": "not_found"}],
         ) from None
-    if data.model.tau is not None and dataset.task != "regression":
-        raise InvalidInput(
-            "tau (model precision) applies to regression only",
-            errors=[{"loc": ["body", "model", "tau"], "msg": f"dataset task is {dataset.task}", "type": "value_error"}],
-        )
-    fraction = data.training.validation_fraction
-    n_validation = max(round(fraction * dataset.n_rows), 1 if fraction > 0 else 0)
-    if dataset.n_rows - n_validation < 1:
-        raise InvalidInput(
-            f"validation_fraction {fraction} leaves no training rows of the dataset's {dataset.n_rows}",
-            errors=[{"loc": ["body", "training", "validation_fraction"], "msg": "no training rows left", "type": "value_error"}],
-        )
+    errors = spec_errors(data, dataset.task, dataset.n_rows)
+    if errors:
+        raise InvalidInput("the run spec does not fit the dataset: " + errors[0]["msg"], errors=errors)
     if data.training.epochs > settings.max_epochs:
         raise InvalidInput(
             f"at most {settings.max_epochs} epochs",
@@ -101,6 +93,51 @@ def create(session: Session, settings: Settings, data: RunCreate) -> RunRead:
     return _to_read(row, None)
 
 
+def spec_errors(data: RunCreate, task: str, n_rows: int) -> list[dict[str, Any]]:
+    """What in a run spec does not fit the dataset (task, size), each with where it is."""
+    errors: list[dict[str, Any]] = []
+
+    def error(loc: list[Any], msg: str) -> None:
+        errors.append({"loc": ["body", *loc], "msg": msg, "type": "value_error"})
+
+    model = data.model
+    if task != "regression":
+        for name in ("tau", "prior_lengthscale"):
+            if getattr(model, name) is not None:
+                error(["model", name], f"applies to regression only; the dataset's task is {task}")
+        if model.heteroscedastic:
+            error(["model", "heteroscedastic"], f"applies to regression only; the dataset's task is {task}")
+    if model.prior_lengthscale is not None:
+        if model.tau is None:
+            error(["model", "prior_lengthscale"], "needs model.tau: reg = l²(1 − p) / (2 N τ)")
+        if data.training.weight_decay:
+            error(["training", "weight_decay"], "give either weight_decay or model.prior_lengthscale, not both")
+    fraction = data.training.validation_fraction
+    if data.split is None:
+        n_validation = max(round(fraction * n_rows), 1 if fraction > 0 else 0)
+        if n_rows - n_validation < 1:
+            error(["training", "validation_fraction"],
+                  f"validation_fraction {fraction} leaves no training rows of the dataset's {n_rows}")
+        return errors
+    groups = {"train_indices": data.split.train_indices, "validation_indices": data.split.validation_indices or [],
+              "test_indices": data.split.test_indices or []}
+    for name, rows in groups.items():
+        beyond = [i for i in rows if i >= n_rows]
+        if beyond:
+            error(["split", name], f"row {beyond[0]} is beyond the dataset's {n_rows} rows")
+        if len(set(rows)) != len(rows):
+            error(["split", name], "repeats rows")
+    train = set(groups["train_indices"])
+    for name in ("validation_indices", "test_indices"):
+        shared = train & set(groups[name])
+        if shared:
+            error(["split", name], f"shares {len(shared)} rows with train_indices (e.g. {min(shared)})")
+    n_train = len(train)
+    if data.split.validation_indices is None and n_train - round(fraction * n_train) < 1:
+        error(["training", "validation_fraction"], "leaves no training rows of split.train_indices")
+    return errors
+
+
 def get_row(session: Session, run_id: uuid.UUID) -> RunRow:
     row = repository.get(session, run_id)
     if row is None:
@@ -114,7 +151,7 @@ def read(session: Session, run_id: uuid.UUID) -> RunRead:
 
 
 def list_runs(session: Session, status: str | None = None, limit: int = 100) -> list[RunRead]:
-    query = select(RunRow).order_by(RunRow.created_at.desc(), RunRow.id).limit(limit)
+    query = select(RunRow).where(RunRow.kind == "train").order_by(RunRow.created_at.desc(), RunRow.id).limit(limit)
     if status is not None:
         query = query.where(RunRow.status == status)
     rows = list(session.scalars(query))
@@ -200,3 +237,14 @@ def cancel(session: Session, settings: Settings, run_id: uuid.UUID) -> tuple[Run
         row = get_row(session, run_id)
         raise InvalidState(f"run {run_id} is already {row.status}; only queued or running runs can be cancelled")
     return read(session, run_id), False
+
+
+def evaluation(session: Session, run_id: uuid.UUID) -> dict[str, Any]:
+    row = get_row(session, run_id)
+    if row.status != RunStatus.SUCCEEDED:
+        raise InvalidState(f"run {run_id} is {row.status}; it is evaluated when it succeeds")
+    stored = repository.results(session, run_id)
+    report = stored.data.get("evaluation") if stored is not None else None
+    if report is None:
+        raise NotFound("evaluation of run", f"{run_id} (it had no held-out rows: set validation_fraction or split.test_indices)")
+    return {"run_id": str(run_id), **report}

@@ -190,3 +190,73 @@ def test_predict_regression_fields(client: TestClient, trained_diabetes) -> None
     coverage = sum(p["interval_95"]["lower"] <= y <= p["interval_95"]["upper"]
                    for p, y in zip(body["predictions"], data.target[:20]))
     assert coverage >= 14
+
+
+def test_evaluation_of_a_classifier(client: TestClient, trained_digits) -> None:
+    response = client.get(f"/v1/runs/{trained_digits['id']}/evaluation")
+    assert response.status_code == 200, response.text
+    report = response.json()
+    assert report["rows"] == "validation" and report["n"] == 359 and report["samples"] == 100
+    for side in ("mc", "deterministic"):
+        metrics = report[side]
+        assert 0.8 < metrics["accuracy"] <= 1 and 0 <= metrics["ece"] <= 1 and metrics["nll"] > 0
+        assert 0 <= metrics["brier"] <= 2 and len(metrics["reliability"]) == 15
+        assert sum(b["count"] for b in metrics["reliability"]) == report["n"]
+    mc = report["mc"]
+    assert 0.5 < mc["auroc_predictive_entropy"] <= 1 and 0.5 < mc["auroc_mutual_information"] <= 1
+    histogram = mc["mutual_information_histogram"]
+    assert sum(histogram["correct"]) + sum(histogram["wrong"]) == report["n"]
+
+
+def test_evaluation_needs_a_succeeded_run(client: TestClient, digits) -> None:
+    run = make_run(client, digits["id"], training={"epochs": 1, "seed": 4})
+    assert_problem(client.get(f"/v1/runs/{run['id']}/evaluation"), 409)
+
+
+def test_paper_regression_with_given_split_prior_lengthscale_and_heteroscedastic_head(client: TestClient, settings) -> None:
+    dataset = make_dataset(client, "diabetes")
+    rng = __import__("numpy").random.default_rng(0)
+    order = rng.permutation(442).tolist()
+    split = {"train_indices": order[:380], "test_indices": order[380:]}
+    results = {}
+    for name, model in {
+        "paper": {"hidden_layers": [50], "dropout": 0.05, "input_dropout": 0.05, "tau": 0.0003, "prior_lengthscale": 0.01},
+        "heteroscedastic": {"hidden_layers": [50], "dropout": 0.05, "input_dropout": 0.05, "heteroscedastic": True},
+    }.items():
+        run = client.post("/v1/runs", json={"dataset_id": dataset["id"], "model": model, "split": split,
+                                            "training": {"epochs": 40, "batch_size": 32, "seed": 0, "validation_fraction": 0.2}}).json()
+        train_in_process(client, settings, run)
+        report = client.get(f"/v1/runs/{run['id']}/evaluation").json()
+        assert report["rows"] == "test" and report["n"] == 62
+        assert report["mc"]["rmse"] < 75 and math.isfinite(report["mc"]["log_likelihood"])
+        assert 0.5 < report["mc"]["coverage_95"] <= 1
+        results[name] = (run, report)
+    run, _ = results["heteroscedastic"]
+    from sklearn.datasets import load_diabetes
+
+    data = load_diabetes().data[:30].tolist()
+    predictions = client.post(f"/v1/runs/{run['id']}/predict", json={"inputs": data, "samples": 50, "seed": 0}).json()["predictions"]
+    aleatoric = [p["aleatoric_std"] for p in predictions]
+    assert max(aleatoric) > min(aleatoric) > 0  # learned per input, not one constant
+    for p in predictions:
+        assert math.isclose(p["std"] ** 2, p["epistemic_std"] ** 2 + p["aleatoric_std"] ** 2, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("change", "loc"),
+    [
+        ({"split": {"train_indices": [0, 1, 500]}}, ["body", "split", "train_indices"]),
+        ({"split": {"train_indices": [0, 1, 2], "test_indices": [2, 3]}}, ["body", "split", "test_indices"]),
+        ({"split": {"train_indices": [0, 1, 1]}}, ["body", "split", "train_indices"]),
+        ({"model": {"prior_lengthscale": 0.01}}, ["body", "model", "prior_lengthscale"]),
+        ({"model": {"prior_lengthscale": 0.01, "tau": 1.0}, "training": {"weight_decay": 0.1}}, ["body", "training", "weight_decay"]),
+    ],
+)
+def test_regression_spec_errors(client: TestClient, change: dict, loc: list) -> None:
+    dataset = make_dataset(client, "diabetes", name="diabetes-errors")
+    assert_problem(client.post("/v1/runs", json={"dataset_id": dataset["id"], **change}), 422, loc=loc)
+
+
+def test_regression_options_refused_for_classification(client: TestClient, digits) -> None:
+    body = {"dataset_id": digits["id"], "model": {"heteroscedastic": True}}
+    assert_problem(client.post("/v1/runs", json=body), 422, loc=["body", "model", "heteroscedastic"])

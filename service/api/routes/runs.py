@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Response
 from fastapi.responses import JSONResponse
@@ -76,6 +76,20 @@ def cancel_run(run: ValidRun, session: SessionDep, settings: SettingsDep, respon
 def list_run_deliveries(run: ValidRun, session: SessionDep) -> DeliveryList:
     """Webhook deliveries of this run's events and their outcome."""
     return DeliveryList(items=webhooks.list_deliveries(session, run.id))
+
+
+@router.get(
+    "/{run_id}/evaluation",
+    responses={404: {"description": "no such run, or no held-out rows"}, 409: {"description": "not succeeded"}},
+)
+def read_run_evaluation(run: ValidRun, session: SessionDep) -> dict[str, Any]:
+    """Held-out metrics computed after training, MC dropout beside the deterministic net.
+
+    Classification: accuracy, NLL, Brier, ECE (15 bins) with the reliability diagram, AUROC of
+    misclassification detection by predictive entropy and by mutual information, uncertainty
+    histograms for correct vs wrong. Regression: RMSE, the mixture test log-likelihood, 95 %
+    interval coverage."""
+    return runs.evaluation(session, run.id)
 
 
 @router.get("/{run_id}/metrics", response_model=MetricsList, responses={404: {"description": "no such run"}})
