@@ -175,23 +175,62 @@ def up() -> None:
     mode = "embedded (SQLite + filesystem broker)" if settings.database_url is None and settings.embedded_broker else "external"
     log.info("mcdrop %s mode: database %s, broker %s", mode, _redact(settings.sqlalchemy_url), _redact(settings.celery_broker_url))
 
-    worker_process = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "worker"], preexec_fn=_die_with_parent
-    )
-
-    def stop_worker() -> None:
-        if worker_process.poll() is None:
-            worker_process.send_signal(signal.SIGTERM)  # warm shutdown: the run goes back to the queue
-            try:
-                worker_process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                worker_process.kill()
-                worker_process.wait()
-
+    supervisor = WorkerSupervisor().start()
     try:
         _run_api(settings, settings.host, settings.port)
     finally:
-        stop_worker()
+        supervisor.stop()
+
+
+class WorkerSupervisor:
+    """Keeps one worker process alive beside the API (``mcdrop up``): restarted if it dies
+    (its run resumes from the last checkpoint once its lease runs out); stopped with SIGTERM
+    (warm shutdown: the run goes back to the queue). The worker gets SIGTERM if this process
+    dies, even by SIGKILL."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.process: subprocess.Popen[bytes] | None = None
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
+        self._lock = threading.Lock()
+
+    def _spawn(self) -> None:
+        self.process = subprocess.Popen([sys.executable, "-m", "service.cli", "worker"], preexec_fn=_die_with_parent)
+
+    def start(self) -> WorkerSupervisor:
+        self._spawn()
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        import time
+
+        restarts: list[float] = []
+        while not self._stopping.wait(1.0):
+            with self._lock:
+                if self._stopping.is_set() or self.process is None or self.process.poll() is None:
+                    continue
+                now = time.monotonic()
+                restarts = [t for t in restarts if now - t < 60] + [now]
+                if len(restarts) > 5:
+                    log.error("the worker keeps dying (%d restarts in a minute); not restarting it", len(restarts) - 1)
+                    return
+                log.warning("the worker exited with %s; starting a new one", self.process.returncode)
+                self._spawn()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping.set()
+            process = self.process
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 def _redact(url: str) -> str:

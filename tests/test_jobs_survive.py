@@ -173,25 +173,28 @@ def test_diverging_training_fails_without_retry(client: TestClient, settings, di
 
 
 def test_embedded_worker_killed_mid_run_finishes_after_restart(tmp_path: Path) -> None:
-    from tests.test_end_to_end import _processes_with_env, _start_embedded
+    from tests.test_end_to_end import _processes_with_env, _start_embedded, _wait_gone
 
-    process, base, data_dir = _start_embedded(tmp_path, extra_env={"MCDROP_LEASE_S": "3", "MCDROP_RECONCILE_INTERVAL_S": "1",
-                                                                    "MCDROP_HEARTBEAT_INTERVAL_S": "0.5"})
+    fast = {"MCDROP_LEASE_S": "3", "MCDROP_RECONCILE_INTERVAL_S": "1", "MCDROP_HEARTBEAT_INTERVAL_S": "0.5"}
+    process, base, data_dir = _start_embedded(tmp_path, extra_env=fast)
     try:
         with httpx.Client(base_url=base, timeout=30) as http:
             dataset = http.post("/v1/datasets", json={"name": "digits", "builtin": "digits"}).json()
             run = http.post("/v1/runs", json={"dataset_id": dataset["id"], "model": SLOW_MODEL, "training": SLOW_TRAINING}).json()
             wait_for_epochs(http, run["id"], 3)
-        worker_pids = [pid for pid in _processes_with_env(data_dir) if pid != process.popen.pid]
-        assert worker_pids
-        for pid in worker_pids:
-            Path(f"/proc/{pid}")  # the worker: killed without warning
-            subprocess.run(["kill", "-9", str(pid)], check=False)
+            # 1. the worker alone is killed: `mcdrop up` starts another, which resumes the run
+            workers = [pid for pid in _processes_with_env(data_dir) if pid != process.popen.pid]
+            assert len(workers) == 1
+            subprocess.run(["kill", "-9", str(workers[0])], check=True)
+            reached = wait_for_epochs(http, run["id"], 8, timeout=90)
+            assert reached["status"] == "running" and reached["attempts"] >= 2, reached
+        # 2. everything is killed mid-run (the worker follows its parent), then started again
+        process.popen.send_signal(signal.SIGKILL)
+        process.popen.wait()
+        assert _wait_gone(data_dir, 30) == []
     finally:
         process.stop(signal.SIGTERM, timeout=40)
-    restarted, base, _ = _start_embedded(tmp_path, data_dir=data_dir, log_name="up-2.log",
-                                         extra_env={"MCDROP_LEASE_S": "3", "MCDROP_RECONCILE_INTERVAL_S": "1",
-                                                    "MCDROP_HEARTBEAT_INTERVAL_S": "0.5"})
+    restarted, base, _ = _start_embedded(tmp_path, data_dir=data_dir, log_name="up-2.log", extra_env=fast)
     try:
         with httpx.Client(base_url=base, timeout=30) as http:
             finished = wait_for_run(http, run["id"], timeout=180)
@@ -199,4 +202,5 @@ def test_embedded_worker_killed_mid_run_finishes_after_restart(tmp_path: Path) -
     finally:
         restarted.stop(signal.SIGTERM, timeout=40)
     assert finished["status"] == "succeeded", finished
+    assert finished["attempts"] >= 3
     assert [m["epoch"] for m in history] == list(range(1, SLOW_TRAINING["epochs"] + 1))
