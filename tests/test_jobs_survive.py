@@ -204,3 +204,28 @@ def test_embedded_worker_killed_mid_run_finishes_after_restart(tmp_path: Path) -
     assert finished["status"] == "succeeded", finished
     assert finished["attempts"] >= 3
     assert [m["epoch"] for m in history] == list(range(1, SLOW_TRAINING["epochs"] + 1))
+
+
+def test_sigkilled_worker_mid_sweep_resumes(client: TestClient, settings, tmp_path: Path) -> None:
+    from tests.api.test_sweeps import sweep_body
+
+    dataset = make_dataset(client, "diabetes", name="diabetes-survive")
+    body = sweep_body(dataset["id"], training={"epochs": 400, "batch_size": 32, "seed": 0, "validation_fraction": 0.2})
+    worker = start_worker(settings, tmp_path / "worker-0.log")
+    try:
+        sweep = client.post("/v1/sweeps", json=body).json()
+        deadline = time.monotonic() + 120
+        while client.get(f"/v1/sweeps/{sweep['id']}").json()["epochs_done"] < 100:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        worker.popen.send_signal(signal.SIGKILL)
+        worker.stop()
+        worker = start_worker(settings, tmp_path / "worker-1.log")
+        done = wait_for_run(client, sweep["id"], timeout=300)
+    finally:
+        worker.stop()
+    assert done["status"] == "succeeded", done
+    assert done["attempts"] == 2
+    assert "resumes in its search phase" in worker.output() or "resumes in its final phase" in worker.output()
+    final = client.get(f"/v1/sweeps/{sweep['id']}").json()
+    assert final["results"]["test"]["rmse"]["mean"] is not None

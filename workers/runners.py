@@ -28,6 +28,8 @@ from service.runs import checkpoints, lifecycle, repository
 from service.runs.modelling import prepare_training
 from service.runs.models import RunStatus
 from service.runs.schemas import RunCreate
+from service.sweeps.execution import Checkpoint, run_sweep
+from service.sweeps.schemas import SweepCreate
 from workers.daemon import Attempt, WorkerDaemon
 
 log = logging.getLogger(__name__)
@@ -55,8 +57,12 @@ def train_run(
         claimed = retry_transient(lambda: _claim(settings, run_id, attempt, daemon), budget_s=budget, what=f"claim run {run_id}")
         if claimed is None:
             return
-        spec, dataset, checkpoint_blob, device = claimed
-        _train(settings, run_id, attempt, spec, dataset, checkpoint_blob, device, should_stop)
+        kind, spec_data, dataset, checkpoint_blob, device = claimed
+        if kind == "sweep":
+            _sweep(settings, run_id, attempt, spec_data, dataset, checkpoint_blob, should_stop)
+        else:
+            spec = RunCreate.model_validate(spec_data)
+            _train(settings, run_id, attempt, spec, dataset, checkpoint_blob, device, should_stop)
     finally:
         daemon.untrack(attempt)
     try:  # the terminal event's webhook, right away (the reconciler retries failures)
@@ -86,38 +92,67 @@ def _claim(settings: Settings, run_id: uuid.UUID, attempt: Attempt, daemon: Work
             log.info("run %s is held by another worker (or not claimable); nothing to do", run_id)
             return None
         session.commit()
-        spec = RunCreate.model_validate({**spec_data, "dataset_id": row.dataset_id})
         dataset = datasets.load_arrays(session, row.dataset_id)
         stored = repository.checkpoint(session, run_id)
-        return spec, dataset, (stored.state if stored is not None else None), device
+        return (row.kind, {**spec_data, "dataset_id": row.dataset_id}, dataset,
+                stored.state if stored is not None else None, device)
 
 
-def _train(settings, run_id, attempt: Attempt, spec: RunCreate, dataset, checkpoint_blob, device, should_stop) -> None:
-    url = settings.sqlalchemy_url
-    budget = settings.transient_retry_s
+def _sweep(settings, run_id, attempt: Attempt, spec_data: dict, dataset, checkpoint_blob, should_stop) -> None:
+    """A sweep: stacked training of the grid × splits, checkpointed at epoch boundaries."""
+    url, budget = settings.sqlalchemy_url, settings.transient_retry_s
+    spec = SweepCreate.model_validate(spec_data)
 
     def stop_requested() -> bool:
         return should_stop() or attempt.lost.is_set() or attempt.cancel_requested.is_set()
 
-    def record(metrics: EpochMetrics) -> None:
-        blob = checkpoints.serialize(job.trainer.state_dict())
+    def save(checkpoint: Checkpoint, epochs_done: int) -> None:
+        blob = checkpoints.serialize(checkpoint.to_dict())
 
         def write() -> bool:
             with session_scope(url) as session:
-                return repository.record_epoch(session, run_id, attempt.owner, metrics.to_dict(), blob)
+                return repository.record_epoch(session, run_id, attempt.owner, None, blob, epoch=epochs_done,
+                                               event={"phase": checkpoint.phase})
 
-        if retry_transient(write, budget_s=budget, what=f"record epoch {metrics.epoch} of run {run_id}"):
+        if retry_transient(write, budget_s=budget, what=f"checkpoint sweep {run_id}"):
             attempt.cancel_requested.set()
 
-    def end(to: str, **values) -> bool:
-        def write() -> bool:
-            with session_scope(url) as session:
-                return lifecycle.transition(session, run_id, to, expected=[RunStatus.RUNNING], owner=attempt.owner,
-                                            values=values, event={k: v for k, v in values.items() if k == "error"} or None)
-        return retry_transient(write, budget_s=budget, what=f"mark run {run_id} {to}")
+    def work() -> None:
+        resumed = Checkpoint.from_dict(checkpoints.deserialize(checkpoint_blob)) if checkpoint_blob else None
+        if resumed is not None:
+            log.info("sweep %s resumes in its %s phase (stack %d)", run_id, resumed.phase, resumed.group)
+        results = run_sweep(dataset, spec, checkpoint=resumed, save=save, should_stop=stop_requested)
 
-    try:
+        def store() -> None:
+            with session_scope(url) as session:
+                repository.succeed(session, run_id, attempt.owner, results=results)
+
+        retry_transient(store, budget_s=budget, what=f"store the results of sweep {run_id}")
+        log.info("sweep %s succeeded", run_id)
+
+    _finish(settings, run_id, attempt, "cpu", work, should_stop)
+
+
+def _train(settings, run_id, attempt: Attempt, spec: RunCreate, dataset, checkpoint_blob, device, should_stop) -> None:
+    """A run: train (from the last checkpoint), record every epoch, evaluate, store the weights."""
+    url, budget = settings.sqlalchemy_url, settings.transient_retry_s
+
+    def stop_requested() -> bool:
+        return should_stop() or attempt.lost.is_set() or attempt.cancel_requested.is_set()
+
+    def work() -> None:
         job = prepare_training(dataset, spec, device=device)
+
+        def record(metrics: EpochMetrics) -> None:
+            blob = checkpoints.serialize(job.trainer.state_dict())
+
+            def write() -> bool:
+                with session_scope(url) as session:
+                    return repository.record_epoch(session, run_id, attempt.owner, metrics.to_dict(), blob)
+
+            if retry_transient(write, budget_s=budget, what=f"record epoch {metrics.epoch} of run {run_id}"):
+                attempt.cancel_requested.set()
+
         if checkpoint_blob is not None:
             job.trainer.load_state_dict(checkpoints.deserialize(checkpoint_blob, device))
             log.info("run %s resumes after epoch %d", run_id, job.trainer.epochs_done)
@@ -134,6 +169,24 @@ def _train(settings, run_id, attempt: Attempt, spec: RunCreate, dataset, checkpo
 
         retry_transient(store, budget_s=budget, what=f"store the weights of run {run_id}")
         log.info("run %s succeeded", run_id)
+
+    _finish(settings, run_id, attempt, device, work, should_stop)
+
+
+def _finish(settings: Settings, run_id: uuid.UUID, attempt: Attempt, device: str,
+            work: Callable[[], None], should_stop: Callable[[], bool]) -> None:
+    """Run a job's work and map how it ends to the run's state (the failure policy above)."""
+    url, budget = settings.sqlalchemy_url, settings.transient_retry_s
+
+    def end(to: str, **values) -> bool:
+        def write() -> bool:
+            with session_scope(url) as session:
+                return lifecycle.transition(session, run_id, to, expected=[RunStatus.RUNNING], owner=attempt.owner,
+                                            values=values, event={k: v for k, v in values.items() if k == "error"} or None)
+        return retry_transient(write, budget_s=budget, what=f"mark run {run_id} {to}")
+
+    try:
+        work()
     except repository.LeaseLost as exc:
         log.warning("%s; another worker carries on", exc)
     except TrainingCancelled:

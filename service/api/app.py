@@ -10,7 +10,7 @@ import torch
 from fastapi import FastAPI
 
 from service.api.errors import install_error_handlers
-from service.api.routes import datasets, events, health, queue, runs
+from service.api.routes import datasets, events, health, queue, runs, sweeps
 from service.config import Settings, get_settings
 from service.jobs.reconciler import ReconcilerThread
 from service.runs.inference import ModelCache
@@ -43,6 +43,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.model_cache = ModelCache(settings.model_cache_size)
     install_error_handlers(app)
-    for module in (health, datasets, runs, events, queue):
+    for module in (health, datasets, runs, events, sweeps, queue):
         app.include_router(module.router)
     return app

@@ -56,14 +56,17 @@ def checkpoint(session: Session, run_id: uuid.UUID) -> RunCheckpointRow | None:
 
 
 def record_epoch(
-    session: Session, run_id: uuid.UUID, owner: str, values: dict[str, Any], checkpoint_blob: bytes
+    session: Session, run_id: uuid.UUID, owner: str, values: dict[str, Any] | None, checkpoint_blob: bytes,
+    *, epoch: int | None = None, event: dict[str, Any] | None = None,
 ) -> bool:
-    """One transaction: the epoch's metrics, its event, the checkpoint and epochs_done —
-    fenced by the lease owner, so a worker that lost its lease writes nothing.
+    """One transaction: the epoch's metrics (a run) or progress (a sweep), its event, the
+    checkpoint and epochs_done — fenced by the lease owner, so a worker that lost its lease
+    writes nothing.
 
     Returns whether cancellation has been requested.
     """
-    epoch = values["epoch"]
+    epoch = values["epoch"] if values is not None else epoch
+    assert epoch is not None
     now = utcnow()
     held = session.execute(
         update(RunRow)
@@ -73,10 +76,12 @@ def record_epoch(
     if not held:
         session.rollback()
         raise LeaseLost(f"run {run_id}: lease lost before epoch {epoch} was recorded")
-    session.add(RunMetricRow(run_id=run_id, **values))
+    if values is not None:
+        session.add(RunMetricRow(run_id=run_id, **values))
     row = session.get(RunRow, run_id)
     assert row is not None
-    lifecycle.add_event(session, run_id, "epoch", RunStatus.RUNNING, {**values, "epochs_total": row.epochs_total})
+    lifecycle.add_event(session, run_id, "epoch", RunStatus.RUNNING,
+                        {**(values or {"epoch": epoch}), **(event or {}), "epochs_total": row.epochs_total})
     checkpoint_values = {"run_id": run_id, "epoch": epoch, "state": checkpoint_blob,
                          "size_bytes": len(checkpoint_blob), "updated_at": now}
     insert = pg_insert if session.bind.dialect.name == "postgresql" else sqlite_insert  # type: ignore[union-attr]
