@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint bench lock clean
+.PHONY: install run test lint bench bench-uci lock clean
 
 $(BIN)/python:
 	@$(PY) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "mcdrop needs Python 3.11 or newer (set PY=python3.x)")'
@@ -28,6 +28,10 @@ test: install
 
 bench: install
 	@$(BIN)/python -m bench
+
+## bench-uci: the MC dropout paper's UCI table through the HTTP API (long; needs ../shared/uci)
+bench-uci: install
+	@$(BIN)/python -m bench.uci
 
 ## lock: regenerate constraints.txt from a fresh environment
 lock:
