@@ -96,6 +96,9 @@ def worker(
 
     if settings.worker_torch_threads > 0:
         torch.set_num_threads(settings.worker_torch_threads)
+    from service.tuning import tune_allocator
+
+    tune_allocator()
     from workers.celery_app import app as celery_app
 
     processes = concurrency or settings.worker_concurrency

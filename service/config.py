@@ -61,6 +61,11 @@ class Settings(BaseSettings):
     webhook_timeout_s: float = 5.0
     webhook_max_attempts: int = 8
     webhook_backoff_s: float = 2.0
+    # Predict micro-batching (service/runs/batching.py): concurrent unseeded requests for one
+    # run and one T share a forward; seeded requests always run alone.
+    predict_batching: bool = True
+    predict_batch_wait_ms: float = Field(default=2.0, ge=0, description="longest wait for other requests to join a batch")
+    predict_batch_max_inputs: int = Field(default=256, ge=1, description="most input rows in one merged forward")
 
     @field_validator("data_dir")
     @classmethod

@@ -14,6 +14,7 @@ from service.api.routes import datasets, events, health, queue, runs, sweeps
 from service.config import Settings, get_settings
 from service.jobs.reconciler import ReconcilerThread
 from service.runs.inference import ModelCache
+from service.tuning import tune_allocator
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # the worker's threads on a small machine.
         if settings.api_torch_threads > 0:
             torch.set_num_threads(settings.api_torch_threads)
+        tune_allocator()  # MC calls reuse heap pages instead of faulting in fresh ones
         background = ReconcilerThread(settings).start() if settings.reconcile_interval_s > 0 else None
         try:
             yield

@@ -7,17 +7,19 @@ import secrets
 import uuid
 from typing import Any
 
+import anyio.to_thread
 import numpy as np
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from service import queue
-from service.db import utcnow
+from service.db import get_sessionmaker, utcnow
 from service.jobs import reconciler, webhooks
 from service.config import Settings
 from service.datasets import service as datasets
 from service.errors import InvalidInput, InvalidState, NotFound
 from service.runs import lifecycle, repository
+from service.runs.batching import PredictBatcher
 from service.runs.inference import ModelCache
 from service.runs.modelling import TrainedModel
 from service.runs.models import RunRow, RunStatus
@@ -174,12 +176,28 @@ def load_model(session: Session, run_id: uuid.UUID) -> TrainedModel:
     return TrainedModel.from_stored(stored.network, stored.preprocessing, stored.weights)
 
 
-def predict(
-    session: Session, settings: Settings, cache: ModelCache, run_id: uuid.UUID, request: PredictRequest
+async def predict(
+    settings: Settings, cache: ModelCache, batcher: PredictBatcher, run_id: uuid.UUID, request: PredictRequest
 ) -> PredictResponse:
-    row = get_row(session, run_id)
-    if row.status != RunStatus.SUCCEEDED:
-        raise InvalidState(f"run {run_id} is {row.status}; predictions need a succeeded run")
+    """MC dropout prediction for a succeeded run, for the event loop.
+
+    A model in the cache answers without a database round trip (only succeeded runs are
+    cached, and a succeeded run never changes). Otherwise the run is read and its model loaded
+    in the threadpool (once, however many requests wait for it). Sampling runs off the event
+    loop through ``batcher``: concurrent unseeded requests may share one forward; a request
+    with a seed always runs alone, so the seed reproduces its result exactly.
+    """
+
+    def load_succeeded() -> TrainedModel:
+        with get_sessionmaker(settings.sqlalchemy_url)() as session:
+            row = get_row(session, run_id)
+            if row.status != RunStatus.SUCCEEDED:
+                raise InvalidState(f"run {run_id} is {row.status}; predictions need a succeeded run")
+            return cache.get(run_id, lambda: load_model(session, run_id))
+
+    model = cache.peek(run_id)
+    if model is None:
+        model = await anyio.to_thread.run_sync(load_succeeded)
     if len(request.inputs) > settings.max_predict_inputs:
         raise InvalidInput(
             f"at most {settings.max_predict_inputs} inputs per request",
@@ -190,7 +208,6 @@ def predict(
             f"at most {settings.max_samples} samples",
             errors=[{"loc": ["body", "samples"], "msg": f"{request.samples} samples", "type": "too_large"}],
         )
-    model = cache.get(run_id, lambda: load_model(session, run_id))
     expected = model.network.n_inputs
     wrong = [
         {"loc": ["body", "inputs", i], "msg": f"{len(values)} features, the model takes {expected}", "type": "wrong_length"}
@@ -206,7 +223,7 @@ def predict(
             "inputs overflow float32",
             errors=[{"loc": ["body", "inputs"], "msg": "values beyond ±3.4e38", "type": "value_error"}],
         )
-    predictions = model.predict(features.astype(np.float32), request.samples, request.seed)
+    predictions = await batcher.predict(run_id, model, features.astype(np.float32), request.samples, request.seed)
     return PredictResponse(
         run_id=run_id, task=model.task, samples=request.samples, seed=request.seed,
         class_names=model.class_names, predictions=predictions,

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 
-from service.api.deps import ModelCacheDep, SessionDep, SettingsDep, ValidRun
+from service.api.deps import SessionDep, SettingsDep, ValidRun
 from service.api.idempotency import IdempotencyKey, canonical, create_once
 from service.jobs.idempotency import fingerprint
 from service.jobs import webhooks
 from service.jobs.schemas import DeliveryList
 from service.runs import service as runs
+from service.runs.batching import app_batcher
 from service.runs.schemas import (
     MetricsList,
     PredictRequest,
@@ -24,6 +26,29 @@ from service.runs.schemas import (
 )
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
+
+
+@router.post(
+    "/{run_id}/predict",
+    response_model=PredictResponse,
+    responses={404: {"description": "no such run"}, 409: {"description": "run has not succeeded"},
+               422: {"description": "bad inputs"}},
+)
+async def predict(run_id: uuid.UUID, request: PredictRequest, http_request: Request) -> Response:
+    """Monte Carlo dropout: `samples` stochastic forward passes per input, summarised.
+
+    Concurrent requests without a `seed` for the same run and `samples` may be answered from
+    one shared batched forward (micro-batching, `MCDROP_PREDICT_BATCHING`): each input's
+    passes use their own independent dropout masks, so results are distributed exactly as if
+    computed alone. A request with a `seed` is never merged with others: the same seed and
+    inputs give the same result, whatever else is being served."""
+    # The hot path, so: first route of this router (matched first); async, reading app.state
+    # directly (a sync dependency would be a threadpool hop each), the sampling off the event
+    # loop (service.runs.batching); the response, validated as it is built, serialised once.
+    state = http_request.app.state
+    batcher = app_batcher(state, state.settings)
+    response = await runs.predict(state.settings, state.model_cache, batcher, run_id, request)
+    return Response(response.model_dump_json(), media_type="application/json")
 
 
 @router.post(
@@ -96,17 +121,3 @@ def read_run_evaluation(run: ValidRun, session: SessionDep) -> dict[str, Any]:
 def read_run_metrics(run: ValidRun, session: SessionDep) -> MetricsList:
     """Per-epoch training history."""
     return runs.metrics(session, run.id)
-
-
-@router.post(
-    "/{run_id}/predict",
-    response_model=PredictResponse,
-    responses={404: {"description": "no such run"}, 409: {"description": "run has not succeeded"},
-               422: {"description": "bad inputs"}},
-)
-def predict(
-    run: ValidRun, request: PredictRequest, session: SessionDep, settings: SettingsDep,
-    cache: ModelCacheDep,
-) -> PredictResponse:
-    """Monte Carlo dropout: `samples` stochastic forward passes per input, summarised."""
-    return runs.predict(session, settings, cache, run.id, request)
