@@ -1,0 +1,50 @@
+"""service.tuning: the allocator tuning runs, is idempotent and says whether it applied."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from service import tuning
+
+
+def test_tune_allocator_runs_and_is_idempotent():
+    first = tuning.tune_allocator()
+    assert isinstance(first, bool)
+    assert tuning.tune_allocator() is first
+    assert tuning.tune_allocator() is first
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"),
+                    reason="mallopt is glibc-only")
+def test_applies_on_glibc_linux():
+    assert tuning.tune_allocator() is True
+
+
+def test_a_fresh_process_applies_once_and_allocates_normally():
+    script = textwrap.dedent("""
+        from service import tuning
+        results = [tuning.tune_allocator() for _ in range(3)]
+        assert len(set(results)) == 1, results
+        blocks = [bytearray(8 << 20) for _ in range(4)]  # above the default mmap threshold
+        del blocks
+        print(results[0])
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.strip() in {"True", "False"}
+
+
+def test_never_raises_when_libc_is_unreachable(monkeypatch):
+    monkeypatch.setattr(tuning, "_applied", None)
+
+    def unreachable(*args, **kwargs):
+        raise OSError("no libc here")
+
+    monkeypatch.setattr(tuning.ctypes, "CDLL", unreachable)
+    monkeypatch.setattr(tuning, "_is_glibc_linux", lambda: True)
+    assert tuning.tune_allocator() is False
+    assert tuning.tune_allocator() is False
