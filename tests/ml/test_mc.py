@@ -210,3 +210,52 @@ def test_regression_epistemic_std_grows_away_from_the_data():
     assert summary.epistemic_std[0] > 2 * inside and summary.epistemic_std[4] > 2 * inside
     assert (summary.lower < summary.mean).all() and (summary.mean < summary.upper).all()
     np.testing.assert_allclose(summary.std**2, summary.epistemic_std**2 + 1 / 100.0)
+
+
+@pytest.mark.parametrize("rate", [0.05, 0.5, 0.9])
+def test_realised_keep_fraction_matches_the_dropout_rate(rate):
+    # A lone dropout layer on ones: each output is 0 (dropped) or the inverted-dropout scale.
+    # Checked overall and per unit: with 64 units, every position of a mask within a random
+    # word (16-bit lane or bit) is a unit of its own, so a biased position would show.
+    net, x, samples = nn.Sequential(nn.Dropout(rate)), torch.ones(8, 64), 4000
+    draws = sample_outputs(net, x, samples, seed=5)
+    kept = draws != 0
+    keep = 1.0 - rate
+    scale = draws[kept].unique()
+    assert len(scale) == 1 and scale.item() == pytest.approx(1.0 / keep, rel=1e-4)
+    overall = kept.double().mean()
+    assert abs(overall - keep) <= SIGMAS * math.sqrt(keep * rate / kept.numel())
+    per_unit = kept.double().mean(dim=(0, 1))
+    assert ((per_unit - keep).abs() <= SIGMAS * math.sqrt(keep * rate / (samples * 8))).all()
+    # E[mask * scale] = 1: unbiased up to sampling error
+    assert abs(draws.double().mean() - 1.0) <= SIGMAS * math.sqrt(rate / keep / kept.numel())
+
+
+def test_rate_one_drops_everything_as_nn_dropout():
+    net = nn.Sequential(nn.Linear(5, 4), nn.Dropout(1.0), nn.Linear(4, 2))
+    samples = sample_outputs(net, inputs(), 3, seed=0)
+    assert torch.equal(samples, net[2].bias.detach().expand(3, 8, 2))
+
+
+def test_the_engine_never_modifies_its_inputs_or_the_net():
+    x = inputs() - 0.5  # negative entries: an in-place ReLU on x would show
+    original = x.clone()
+    nets = [
+        build_network(NetworkSpec(5, 3, (16, 16), (0.5, 0.2), input_dropout=0.1), seed=0),  # prefix is x
+        nn.Sequential(nn.Identity(), nn.Dropout(0.3), nn.ReLU(), nn.Linear(5, 2)),  # prefix is x
+        nn.Sequential(nn.ReLU(), nn.Dropout(0.5), nn.Tanh(), nn.Dropout(0.5)),  # ends on a dropout
+        build_network(SPEC, seed=1),
+    ]
+    for net in nets:
+        state = {name: tensor.clone() for name, tensor in net.state_dict().items()}
+        first = sample_outputs(net, x, 50, seed=3)
+        assert torch.equal(x, original)
+        assert all(torch.equal(tensor, state[name]) for name, tensor in net.state_dict().items())
+        assert torch.equal(sample_outputs(net, x, 50, seed=3), first)
+
+
+def test_scales_that_cannot_be_folded_into_a_linear_agree_with_the_loop():
+    # dropout -> tanh (scale applied before the activation), and a net ending on a dropout
+    net = nn.Sequential(nn.Linear(5, 16), nn.Dropout(0.3), nn.Tanh(), nn.Linear(16, 3), nn.Dropout(0.2))
+    x = inputs()
+    assert_same_distribution(sample_outputs(net, x, 4000, seed=12), sample_outputs_loop(net, x, 4000, seed=13))
