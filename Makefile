@@ -29,6 +29,10 @@ test: install
 bench: install
 	@$(BIN)/python -m bench
 
+## bench-gpu: items 1, 2, 6 and the sweep engine on CUDA (prints "no CUDA device" and exits 0 without one)
+bench-gpu: install
+	@$(BIN)/python -m bench.gpu
+
 ## bench-uci: the MC dropout paper's UCI table through the HTTP API (long; needs ../shared/uci)
 bench-uci: install
 	@$(BIN)/python -m bench.uci

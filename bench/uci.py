@@ -81,7 +81,7 @@ def _fmt(mean_se: dict | None) -> str:
 
 
 def run(quick: bool = False, epochs: int | None = None, datasets: list[str] | None = None,
-        heteroscedastic: bool = True, test_samples: int = 10_000) -> list[Section]:
+        heteroscedastic: bool = True, test_samples: int = 10_000, paper: bool = True) -> list[Section]:
     epochs = epochs or (40 if quick else 4000)
     names = datasets or (DATASETS[:1] if quick else DATASETS)
     rows: list[list[object]] = []
@@ -93,7 +93,8 @@ def run(quick: bool = False, epochs: int | None = None, datasets: list[str] | No
             dataset = client.post("/v1/datasets", data={"name": name, "target": "y", "task": "regression"},
                                   files={"file": (f"{name}.csv", content, "text/csv")})
             dataset.raise_for_status()
-            variants = [("MC dropout (paper's protocol)", False)] + ([("MC dropout, heteroscedastic head", True)] if heteroscedastic else [])
+            variants = ([("MC dropout (paper's protocol)", False)] if paper else []) + (
+                [("MC dropout, heteroscedastic head", True)] if heteroscedastic else [])
             for label, hetero in variants:
                 started = time.monotonic()
                 response = client.post("/v1/sweeps", json=sweep_body(dataset.json()["id"], splits, rates, taus, epochs, hetero, test_samples))
@@ -128,10 +129,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4000)
     parser.add_argument("--datasets", default=",".join(DATASETS))
     parser.add_argument("--no-heteroscedastic", action="store_true")
+    parser.add_argument("--only-heteroscedastic", action="store_true")
     parser.add_argument("--test-samples", type=int, default=10_000)
     args = parser.parse_args()
     for section in run(epochs=args.epochs, datasets=args.datasets.split(","),
-                       heteroscedastic=not args.no_heteroscedastic, test_samples=args.test_samples):
+                       heteroscedastic=not args.no_heteroscedastic, test_samples=args.test_samples,
+                       paper=not args.only_heteroscedastic):
         print(section.markdown())
 
 

@@ -241,7 +241,8 @@ class StackedMLP(nn.Module):
     ``nn.Linear.weight``) and bias ``biases[k][i]`` of shape ``[1, out]``. ``input_dropout_rate``
     and ``dropout_rate`` (buffers ``[M]``, float64) are each net's rate on the inputs and after
     every hidden layer. Net i starts from exactly the weights of
-    ``build_network(NetworkSpec(...), seed=seeds[i])``.
+    ``build_network(NetworkSpec(...), seed=seeds[i])``. A ``heteroscedastic`` stack has two
+    outputs, the mean and log-variance of the (standardised) target.
 
     ``forward`` takes ``[M, B, in]`` (or shared inputs ``[B, in]``) and returns ``[M, B, out]``;
     in train mode it applies dropout with masks of its own per net and row, drawn from
@@ -343,10 +344,14 @@ class StackedMLP(nn.Module):
         return x
 
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return self.outputs(x, dropout=self.training, generator=generator)
+
+    def outputs(self, x: ArrayLike, *, dropout: bool, generator: torch.Generator | None = None) -> Tensor:
+        """``forward`` with dropout on or off regardless of the module's mode (writes no flags)."""
         hidden = self.batched_inputs(x)
         last = len(self.weights) - 1
         for k, (weight, bias, rates) in enumerate(zip(self.weights, self.biases, self.site_rates())):
-            if self.training and bool((rates > 0).any()):
+            if dropout and bool((rates > 0).any()):
                 draws = torch.randint(-(1 << 15), 1 << 15, hidden.shape, dtype=torch.int16,
                                       generator=generator, device=hidden.device)
                 keep = draws <= _keep_thresholds(rates).to(hidden.device).view(-1, 1, 1)
@@ -478,7 +483,8 @@ class _StackedTrainer:
             self.y = self.y[:, 0]
         if self.x.ndim != 2 or self.x.shape[1] != model.n_inputs or self.y.shape != (len(self.x),):
             raise ValueError(
-                f"x must be [N, {model.n_inputs}] and y [N] or [N, 1], got {tuple(self.x.shape)} and {tuple(self.y.shape)}"
+                f"x must be [N, {model.n_inputs}] and y [N] or [N, 1], "
+                f"got {tuple(self.x.shape)} and {tuple(self.y.shape)}"
             )
         rows = [torch.as_tensor(np.asarray(index), dtype=torch.int64).reshape(-1) for index in train_index]
         self.lengths = np.array([len(r) for r in rows], dtype=np.int64)
@@ -578,9 +584,11 @@ class _StackedTrainer:
             thresholds[:, 0, start:end] = _keep_thresholds(rates)[:, None]
         self.thresholds = thresholds.to(device)
         if self.has_dropout:
-            self.chunk_steps = max(1, min(self.n_steps, _MASK_CHUNK_BYTES // (8 * n_nets * batch * self.words_per_row)))
+            step_bytes = 8 * n_nets * batch * self.words_per_row
+            self.chunk_steps = max(1, min(self.n_steps, _MASK_CHUNK_BYTES // step_bytes))
             self.bits = np.empty((n_nets, self.chunk_steps * batch * self.words_per_row), dtype=np.uint64)
-            self.draws = torch.from_numpy(self.bits).view(torch.int16).view(n_nets, self.chunk_steps * batch, draws_per_row)
+            self.draws = torch.from_numpy(self.bits).view(torch.int16).view(
+                n_nets, self.chunk_steps * batch, draws_per_row)
             self.mask = torch.empty((group, batch, draws_per_row), dtype=torch.float32, device=device)
             self.streams = _MaskStreams([np.random.SFC64(0) for _ in range(n_nets)])
         self.shuffle_generator = torch.Generator()
@@ -833,12 +841,7 @@ def train_stacked(
 def deterministic_stacked(model: StackedMLP, x: ArrayLike) -> Tensor:
     """Outputs ``[M, B, out]`` with dropout off (the weight-scaling rule of inverted dropout)."""
     with torch.inference_mode():
-        was_training = model.training
-        model.eval()
-        try:
-            return model(x)
-        finally:
-            model.train(was_training)
+        return model.outputs(x, dropout=False)
 
 
 def predict_stacked(
@@ -920,7 +923,10 @@ def predict_stacked(
                     hidden = base.expand(size, t, rows, base.shape[-1]).reshape(size, t * rows, -1)
                 for k in range(first_layer, last):
                     hidden = torch.baddbmm(biases[k][nets], hidden, weights[k][nets])
-                    hidden = hidden.clamp_min_(0.0) if model.activation == "relu" else _activation(model.activation, hidden)
+                    if model.activation == "relu":
+                        hidden = hidden.clamp_min_(0.0)
+                    else:
+                        hidden = _activation(model.activation, hidden)
                     if site_dropout[k + 1]:
                         hidden.mul_(site_mask(k + 1))
                 # Output transposed ([size, out, t * rows]): matrix-vector products are faster this way.

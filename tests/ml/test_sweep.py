@@ -171,16 +171,16 @@ def test_stacked_training_with_dropout_matches_the_trainer_statistically():
     seeds = list(range(8))
     configs = [config(seed, dropout=0.1, input_dropout=0.1) for seed in seeds]
     model = StackedMLP.from_configs(10, (32,), configs)
-    state = train_stacked(model, X, Y, [TRAIN] * 8, configs, epochs=30, batch_size=32)
+    state = train_stacked(model, X, Y, [TRAIN] * 8, configs, epochs=30, batch_size=64)
     stacked_val = ((deterministic_stacked(model, X[VAL])[..., 0] - torch.as_tensor(Y[VAL])) ** 2).mean(dim=1)
     alone_val, alone_first = [], []
     for cfg in configs:
-        history = fit(trainer_for(cfg, hidden=(32,), epochs=30))
+        history = fit(trainer_for(cfg, hidden=(32,), epochs=30, batch_size=64))
         alone_val.append(history[-1].val_loss)
         alone_first.append(history[0].train_loss)
     stacked_val, alone_val = stacked_val.double().numpy(), np.array(alone_val)
     standard_error = math.sqrt(stacked_val.var(ddof=1) / 8 + alone_val.var(ddof=1) / 8)
-    assert abs(stacked_val.mean() - alone_val.mean()) < 3 * standard_error + 0.01
+    assert abs(stacked_val.mean() - alone_val.mean()) < 3 * standard_error
     assert stacked_val.mean() < 0.8  # it learned something (the target has variance 1)
     # Same initial weights and data order: the first epoch differs only by the dropout masks,
     # far less than it differs between seeds.
@@ -242,8 +242,10 @@ def test_unequal_train_lengths():
     rows = [TRAIN[:40], TRAIN[:100], TRAIN]
     model = StackedMLP.from_configs(10, (16,), configs)
     seen = []
+    global_rng = torch.get_rng_state()
     state = train_stacked(model, X, Y, rows, configs, epochs=3, batch_size=64,
                           on_epoch=lambda s: seen.append(s.train_loss.clone()))
+    assert torch.equal(torch.get_rng_state(), global_rng)  # private generators only
     assert len(seen) == 3 and all(bool(torch.isfinite(loss).all()) for loss in seen)
     assert state.steps.tolist() == [3 * math.ceil(len(r) / 64) for r in rows]
     # Each net trains as it would alone (a stack of one).
@@ -274,7 +276,7 @@ def test_heteroscedastic_nets_learn_larger_variance_where_the_noise_is_larger():
     configs = [NetConfig(dropout=0.05, input_dropout=0.0, weight_decay=1e-4, learning_rate=1e-2, seed=s,
                          heteroscedastic=True) for s in (0, 1)]
     model = StackedMLP.from_configs(1, (32,), configs)
-    assert model.n_outputs == 2
+    assert model.n_outputs == 2 and model.network_spec(0).heteroscedastic
     train_stacked(model, x, y, [np.arange(800)] * 2, configs, epochs=60, batch_size=64)
     probe = torch.tensor([[-0.5], [0.5]])
     means, log_variances = heteroscedastic_to_original_units(predict_stacked(model, probe, samples=50, seed=0))
