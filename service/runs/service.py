@@ -17,6 +17,7 @@ from service.db import get_sessionmaker, utcnow
 from service.jobs import reconciler, webhooks
 from service.config import Settings
 from service.datasets import service as datasets
+from service.datasets.models import DatasetRow
 from service.errors import InvalidInput, InvalidState, NotFound
 from service.runs import lifecycle, repository
 from service.runs.batching import PredictBatcher
@@ -57,14 +58,34 @@ def _to_read(row: RunRow, latest: object | None) -> RunRead:
     )
 
 
-def create(session: Session, settings: Settings, data: RunCreate) -> RunRead:
+def dataset_for_job(session: Session, dataset_id: uuid.UUID) -> DatasetRow:
+    """The dataset a new run or sweep names in its body (422 at body.dataset_id if missing)."""
     try:
-        dataset = datasets.get_row(session, data.dataset_id)
+        return datasets.get_row(session, dataset_id)
     except NotFound:
         raise InvalidInput(
-            f"dataset {data.dataset_id} does not exist",
+            f"dataset {dataset_id} does not exist",
             errors=[{"loc": ["body", "dataset_id"], "msg": "no such dataset", "type": "not_found"}],
         ) from None
+
+
+def submit(session: Session, settings: Settings, row: RunRow) -> None:
+    """Commit a new queued job (run or sweep) with its first event, then send its message.
+
+    The row exists before its message does; a failed send leaves it queued and the reconciler
+    sends it again later.
+    """
+    now = utcnow()
+    row.status, row.created_at, row.dispatched_at, row.dispatch_count = RunStatus.QUEUED, now, now, 1
+    session.add(row)
+    session.flush()
+    lifecycle.add_event(session, row.id, "status", RunStatus.QUEUED, {"status": RunStatus.QUEUED})
+    session.commit()
+    reconciler.dispatch(settings, row)
+
+
+def create(session: Session, settings: Settings, data: RunCreate) -> RunRead:
+    dataset = dataset_for_job(session, data.dataset_id)
     errors = spec_errors(data, dataset.task, dataset.n_rows)
     if errors:
         raise InvalidInput("the run spec does not fit the dataset: " + errors[0]["msg"], errors=errors)
@@ -78,20 +99,12 @@ def create(session: Session, settings: Settings, data: RunCreate) -> RunRead:
         data = data.model_copy(update={"training": data.training.model_copy(update={"seed": secrets.randbelow(2**31)})})
     spec = data.model_dump(mode="json", exclude={"dataset_id", "callback_url", "priority"})
     spec["task"] = dataset.task
-    now = utcnow()
     row = RunRow(
-        dataset_id=dataset.id, status=RunStatus.QUEUED, spec=spec,
-        epochs_total=data.training.epochs, epochs_done=0,
+        dataset_id=dataset.id, spec=spec, epochs_total=data.training.epochs, epochs_done=0,
         queue=queue.queue_for_device(data.device), priority=data.priority,
         callback_url=str(data.callback_url) if data.callback_url else None,
-        created_at=now, dispatched_at=now, dispatch_count=1,
     )
-    session.add(row)
-    session.flush()
-    lifecycle.add_event(session, row.id, "status", RunStatus.QUEUED, {"status": RunStatus.QUEUED})
-    session.commit()  # the row exists before its message does
-    # A failed send leaves the run queued: the reconciler sends it again later.
-    reconciler.dispatch(settings, row)
+    submit(session, settings, row)
     return _to_read(row, None)
 
 

@@ -11,12 +11,10 @@ from sqlalchemy.orm import Session
 
 from service import queue
 from service.config import Settings
-from service.datasets import service as datasets
-from service.db import utcnow
 from service.errors import InvalidInput, NotFound
-from service.jobs import reconciler
-from service.runs import lifecycle, repository
-from service.runs.models import RunRow, RunStatus
+from service.runs import repository
+from service.runs import service as runs
+from service.runs.models import RunRow
 from service.sweeps import planning
 from service.sweeps.schemas import SweepCreate, SweepRead
 
@@ -58,13 +56,7 @@ def _errors(spec: SweepCreate, task: str, n_rows: int) -> list[dict[str, Any]]:
 
 
 def create(session: Session, settings: Settings, spec: SweepCreate) -> SweepRead:
-    try:
-        dataset = datasets.get_row(session, spec.dataset_id)
-    except NotFound:
-        raise InvalidInput(
-            f"dataset {spec.dataset_id} does not exist",
-            errors=[{"loc": ["body", "dataset_id"], "msg": "no such dataset", "type": "not_found"}],
-        ) from None
+    dataset = runs.dataset_for_job(session, spec.dataset_id)
     errors = _errors(spec, dataset.task, dataset.n_rows)
     if errors:
         raise InvalidInput("the sweep does not fit the dataset: " + errors[0]["msg"], errors=errors)
@@ -72,18 +64,12 @@ def create(session: Session, settings: Settings, spec: SweepCreate) -> SweepRead
         spec = spec.model_copy(update={"training": spec.training.model_copy(update={"seed": secrets.randbelow(2**31)})})
     stored = spec.model_dump(mode="json", exclude={"dataset_id", "priority"})
     stored["task"] = dataset.task
-    now = utcnow()
     row = RunRow(
-        kind=KIND, dataset_id=dataset.id, status=RunStatus.QUEUED, spec=stored,
+        kind=KIND, dataset_id=dataset.id, spec=stored,
         epochs_total=spec.training.epochs * (2 if spec.retrain_best else 1), epochs_done=0,
         queue=queue.queue_for_device(spec.device), priority=spec.priority,
-        created_at=now, dispatched_at=now, dispatch_count=1,
     )
-    session.add(row)
-    session.flush()
-    lifecycle.add_event(session, row.id, "status", RunStatus.QUEUED, {"status": RunStatus.QUEUED})
-    session.commit()
-    reconciler.dispatch(settings, row)
+    runs.submit(session, settings, row)
     return to_read(session, row)
 
 
