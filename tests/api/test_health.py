@@ -34,3 +34,12 @@ def test_database_unreachable_is_503_not_500(settings) -> None:
     assert listing.status_code == 503
     assert listing.headers["content-type"].startswith("application/problem+json")
     assert "database" in listing.json()["detail"]
+
+
+def test_openapi_lists_every_route(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    for path in ("/v1/datasets", "/v1/runs", "/v1/runs/{run_id}/predict", "/v1/runs/{run_id}/events",
+                 "/v1/runs/{run_id}/evaluation", "/v1/runs/{run_id}/cancel", "/v1/sweeps", "/v1/queue"):
+        assert path in spec["paths"], path
+    body = spec["paths"]["/v1/datasets"]["post"]["requestBody"]["content"]
+    assert {"application/json", "multipart/form-data"} <= set(body)
