@@ -33,8 +33,10 @@ def embedded_server(env: dict[str, str] | None = None, startup_s: float = 120) -
     with tempfile.TemporaryDirectory(prefix="mcdrop-bench-") as data_dir:
         port = free_port()
         environment = {k: v for k, v in os.environ.items() if not k.startswith("MCDROP_")}
+        # Benchmarks measure the service, not key handling: auth is off on this loopback-only
+        # embedded server (an external database or broker in ``env`` needs MCDROP_AUTH=on and a key).
         environment.update({"MCDROP_DATA_DIR": data_dir, "MCDROP_PORT": str(port), "MCDROP_LOG_LEVEL": "warning",
-                            **(env or {})})
+                            "MCDROP_AUTH": "off", **(env or {})})
         log = open(Path(data_dir) / "server.log", "wb")
         process = subprocess.Popen([sys.executable, "-m", "service.cli", "up"], env=environment, cwd=REPO,
                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -21,6 +21,10 @@ class NotFound(DomainError):
         self.identifier = identifier
 
 
+class Unauthenticated(DomainError):
+    """No valid API key: 401 with ``WWW-Authenticate: Bearer``."""
+
+
 class Conflict(DomainError):
     """The request is valid but clashes with the current state of the resource."""
 

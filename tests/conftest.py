@@ -99,9 +99,29 @@ def settings(postgres_url: str, redis_url: str, tmp_path_factory: pytest.TempPat
     )
 
 
+def make_key(settings: Settings, tenant: str = "default") -> str:
+    """A new API key of ``tenant`` on the settings' database."""
+    from service.auth.service import create_key
+    from service.db import get_sessionmaker
+
+    with get_sessionmaker(settings.sqlalchemy_url)() as session:
+        return create_key(session, tenant, "tests").key
+
+
 @pytest.fixture(scope="session")
-def client(settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(settings)) as test_client:
+def api_key(settings: Settings) -> str:
+    """A key of tenant "default": the tenant every test client acts as unless it says otherwise."""
+    return make_key(settings)
+
+
+@pytest.fixture(scope="session")
+def auth_headers(api_key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"}
+
+
+@pytest.fixture(scope="session")
+def client(settings: Settings, auth_headers: dict[str, str]) -> Iterator[TestClient]:
+    with TestClient(create_app(settings), headers=auth_headers) as test_client:
         yield test_client
 
 
@@ -110,6 +130,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
     env.update({
         "MCDROP_DATA_DIR": str(settings.data_dir),
         "MCDROP_LOG_LEVEL": "info",
+        "MCDROP_AUTH": settings.auth,
         "PYTHONUNBUFFERED": "1",
     })
     for name in FAST_JOBS:

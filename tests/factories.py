@@ -38,6 +38,9 @@ def train_in_process(client: TestClient, settings: Settings, run: dict[str, Any]
 
     from workers.daemon import WorkerDaemon
 
+    # No daemon renews the lease in-process: a long one keeps a reconciler (the test app's) from
+    # handing the run to a worker while a loaded machine trains slowly.
+    settings = settings.model_copy(update={"lease_s": 300.0})
     runners.train_run(uuid.UUID(run["id"]), settings, WorkerDaemon(settings, ["cpu"], "cpu"))
     body = client.get(f"/v1/runs/{run['id']}").json()
     assert body["status"] == "succeeded", body

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -81,7 +82,9 @@ def _start_embedded(
     data_dir = data_dir or str(tmp_path / "embedded-data")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MCDROP_")}
-    env.update({"MCDROP_DATA_DIR": data_dir, "MCDROP_PORT": str(port), "PYTHONUNBUFFERED": "1", **(extra_env or {})})
+    # Auth off unless a test asks for it (the embedded server on loopback is where that is allowed).
+    env.update({"MCDROP_DATA_DIR": data_dir, "MCDROP_PORT": str(port), "PYTHONUNBUFFERED": "1", "MCDROP_AUTH": "off",
+                **(extra_env or {})})
     process = Process([sys.executable, "-m", "service.cli", "up"], env, tmp_path / log_name)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
@@ -99,9 +102,20 @@ def _start_embedded(
 
 
 def test_embedded_mode_as_make_run_starts_it(tmp_path: Path) -> None:
-    process, base, data_dir = _start_embedded(tmp_path)
+    """`make run`: auth on (the default), a key made with `mcdrop keys create`, then the walkthrough."""
+    process, base, data_dir = _start_embedded(tmp_path, extra_env={"MCDROP_AUTH": "on"})
     try:
-        with httpx.Client(base_url=base, timeout=30) as http:
+        assert "no API keys yet" in process.output()
+        unauthenticated = httpx.get(f"{base}/v1/runs", timeout=10)
+        assert unauthenticated.status_code == 401 and unauthenticated.headers["www-authenticate"].startswith("Bearer")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MCDROP_")}
+        made = subprocess.run(
+            [sys.executable, "-m", "service.cli", "keys", "create", "--tenant", "demo"],
+            env={**env, "MCDROP_DATA_DIR": data_dir}, capture_output=True, text=True, timeout=60, check=True,
+        )
+        key = made.stdout.strip()
+        assert key.startswith("mcd_") and key not in made.stderr
+        with httpx.Client(base_url=base, timeout=30, headers={"Authorization": f"Bearer {key}"}) as http:
             train_and_predict(http)
         assert (Path(data_dir) / "mcdrop.sqlite3").exists()
         assert (Path(data_dir) / "broker").is_dir()
@@ -113,6 +127,7 @@ def test_embedded_mode_as_make_run_starts_it(tmp_path: Path) -> None:
 
 def test_embedded_mode_leaves_nothing_behind_when_the_parent_is_killed(tmp_path: Path) -> None:
     process, _, data_dir = _start_embedded(tmp_path)
+    assert "auth is OFF" in process.output()  # said at start-up
     assert len(_processes_with_env(data_dir)) >= 2  # the API and the worker
     process.popen.send_signal(signal.SIGKILL)
     process.popen.wait()

@@ -28,10 +28,11 @@ def canonical(value: object) -> bytes:
 
 
 def create_once(
-    settings: Settings, key: str | None, *, scope: str, fingerprint: str, status_code: int,
+    settings: Settings, key: str | None, *, tenant: str, scope: str, fingerprint: str, status_code: int,
     create: Callable[[], BaseModel],
 ) -> JSONResponse:
-    """Run ``create`` at most once per (scope, key); replays answer 200 with the first body."""
+    """Run ``create`` at most once per (tenant, scope, key); replays answer 200 with the first
+    body. Keys are per tenant: another tenant's identical key is a different request."""
 
     def run() -> tuple[int, dict]:
         return status_code, create().model_dump(mode="json")
@@ -40,7 +41,7 @@ def create_once(
         status, body = run()
         return JSONResponse(body, status_code=status)
     status, body, replayed = idempotency.execute(
-        settings.sqlalchemy_url, scope=scope, key=key, fingerprint=fingerprint,
+        settings.sqlalchemy_url, scope=f"{tenant}:{scope}", key=key, fingerprint=fingerprint,
         ttl_s=settings.idempotency_ttl_s, create=run,
     )
     return JSONResponse(body, status_code=200 if replayed else status, headers={"Idempotent-Replayed": str(replayed).lower()})

@@ -15,6 +15,7 @@ class DatasetRow(Base):
     __tablename__ = "datasets"
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    tenant_id: Mapped[str] = mapped_column(String(64), index=True, default="default")
     name: Mapped[str] = mapped_column(String(200))
     task: Mapped[str] = mapped_column(String(20))
     source: Mapped[str] = mapped_column(String(40))  # "builtin:digits" or "csv"

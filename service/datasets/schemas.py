@@ -43,3 +43,4 @@ class DatasetRead(BaseModel):
 
 class DatasetList(BaseModel):
     items: list[DatasetRead]
+    next_cursor: str | None = Field(default=None, description="pass as ?cursor= for the next page; null on the last page")

@@ -16,14 +16,16 @@ from service.datasets.models import DatasetRow
 from service.datasets.schemas import DatasetCreate, DatasetRead
 from service.errors import NotFound, PayloadTooLarge
 from service.ml.data import Dataset, load_builtin
+from service.pagination import Page, PageQuery, paginate
 
 
-def _store(session: Session, name: str, source: str, dataset: Dataset) -> DatasetRead:
+def _store(session: Session, tenant_id: str, name: str, source: str, dataset: Dataset) -> DatasetRead:
     blob = save_tensors({
         "features": np.ascontiguousarray(dataset.features, dtype=np.float32),
         "target": np.ascontiguousarray(dataset.target),
     })
     row = DatasetRow(
+        tenant_id=tenant_id,
         name=name,
         task=dataset.task,
         source=source,
@@ -41,12 +43,12 @@ def _store(session: Session, name: str, source: str, dataset: Dataset) -> Datase
     return DatasetRead.model_validate(row)
 
 
-def create_builtin(session: Session, data: DatasetCreate) -> DatasetRead:
-    return _store(session, data.name, f"builtin:{data.builtin}", load_builtin(data.builtin))
+def create_builtin(session: Session, data: DatasetCreate, tenant_id: str) -> DatasetRead:
+    return _store(session, tenant_id, data.name, f"builtin:{data.builtin}", load_builtin(data.builtin))
 
 
 def create_from_csv(
-    session: Session, settings: Settings, *, name: str, target: str, task: str, content: bytes
+    session: Session, settings: Settings, *, name: str, target: str, task: str, content: bytes, tenant_id: str,
 ) -> DatasetRead:
     if len(content) > settings.max_upload_bytes:
         raise PayloadTooLarge(f"the upload is larger than {settings.max_upload_bytes} bytes")
@@ -57,27 +59,32 @@ def create_from_csv(
         max_rows=settings.max_dataset_rows,
         max_features=settings.max_dataset_features,
     )
-    return _store(session, name, "csv", dataset)
+    return _store(session, tenant_id, name, "csv", dataset)
 
 
-def get_row(session: Session, dataset_id: uuid.UUID) -> DatasetRow:
+def get_row(session: Session, dataset_id: uuid.UUID, tenant_id: str | None) -> DatasetRow:
+    """The dataset, or NotFound; with ``tenant_id``, another tenant's dataset is not found
+    either (None: any tenant's — for workers, which only get ids the API checked)."""
     row = session.get(DatasetRow, dataset_id)
-    if row is None:
+    if row is None or (tenant_id is not None and row.tenant_id != tenant_id):
         raise NotFound("dataset", dataset_id)
     return row
 
 
-def read(session: Session, dataset_id: uuid.UUID) -> DatasetRead:
-    return DatasetRead.model_validate(get_row(session, dataset_id))
+def read(session: Session, dataset_id: uuid.UUID, tenant_id: str | None) -> DatasetRead:
+    return DatasetRead.model_validate(get_row(session, dataset_id, tenant_id))
 
 
-def list_all(session: Session, limit: int = 100) -> list[DatasetRead]:
-    rows = session.scalars(select(DatasetRow).order_by(DatasetRow.created_at.desc()).limit(limit))
-    return [DatasetRead.model_validate(row) for row in rows]
+def list_page(session: Session, tenant_id: str, page: PageQuery, *, task: str | None = None) -> Page[DatasetRead]:
+    query = select(DatasetRow).where(DatasetRow.tenant_id == tenant_id)
+    if task is not None:
+        query = query.where(DatasetRow.task == task)
+    rows, next_cursor = paginate(session, query, DatasetRow, page)
+    return Page([DatasetRead.model_validate(row) for row in rows], next_cursor)
 
 
 def load_arrays(session: Session, dataset_id: uuid.UUID) -> Dataset:
-    row = get_row(session, dataset_id)
+    row = get_row(session, dataset_id, None)
     tensors = load_tensors(row.data)
     return Dataset(
         features=tensors["features"],

@@ -51,8 +51,11 @@ class QueueRead(BaseModel):
     workers: list[WorkerRead]
 
 
-def overview(session: Session, seen_within_s: float) -> QueueRead:
-    """Depth per queue from our own tables (the source of truth), and recently seen workers."""
+def overview(session: Session, seen_within_s: float, tenant_id: str) -> QueueRead:
+    """Depth per queue from our own tables (the source of truth), and recently seen workers.
+
+    Depths count every tenant's jobs (the queues are shared); a worker's current run id is
+    shown only to the tenant that owns the run."""
     counts: dict[str, dict[str, int]] = {}
     rows = session.execute(
         select(RunRow.queue, RunRow.status, func.count())
@@ -64,6 +67,8 @@ def overview(session: Session, seen_within_s: float) -> QueueRead:
     for queue in ("cpu", "cuda"):
         counts.setdefault(queue, {"queued": 0, "running": 0})
     now = utcnow()
+    busy = [w for w in session.scalars(select(WorkerRow.current_run_id).where(WorkerRow.current_run_id.is_not(None)))]
+    own = set(session.scalars(select(RunRow.id).where(RunRow.id.in_(busy), RunRow.tenant_id == tenant_id))) if busy else set()
     workers = session.scalars(
         select(WorkerRow).where(WorkerRow.last_seen_at >= now - timedelta(seconds=seen_within_s))
         .order_by(WorkerRow.name)
@@ -73,7 +78,7 @@ def overview(session: Session, seen_within_s: float) -> QueueRead:
         workers=[
             WorkerRead(
                 name=w.name, hostname=w.hostname, pid=w.pid, queues=w.queues, device=w.device,
-                current_run_id=w.current_run_id, started_at=w.started_at, last_seen_at=w.last_seen_at,
+                current_run_id=w.current_run_id if w.current_run_id in own else None, started_at=w.started_at, last_seen_at=w.last_seen_at,
                 seconds_since_seen=(now - w.last_seen_at).total_seconds(),
             )
             for w in workers

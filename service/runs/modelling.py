@@ -42,6 +42,7 @@ class TrainedModel:
     target_scaler: Standardizer | None  # regression only
     tau: float | None  # regression only, in target units
     class_names: list[str] | None  # classification only
+    tenant_id: str | None = None  # whose model this is (set when loaded for serving)
 
     # -- storage ------------------------------------------------------------------------
     def preprocessing(self) -> dict[str, Any]:

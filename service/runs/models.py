@@ -38,6 +38,7 @@ class RunRow(Base):
     __tablename__ = "runs"
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    tenant_id: Mapped[str] = mapped_column(String(64), index=True, default="default")
     dataset_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("datasets.id"), index=True)
     kind: Mapped[str] = mapped_column(String(20), default="train", index=True)  # "train" | "sweep"
     status: Mapped[str] = mapped_column(String(20), index=True, default=RunStatus.QUEUED)

@@ -173,6 +173,7 @@ class RunRead(BaseModel):
 
 class RunList(BaseModel):
     items: list[RunRead]
+    next_cursor: str | None = Field(default=None, description="pass as ?cursor= for the next page; null on the last page")
 
 
 class MetricsList(BaseModel):

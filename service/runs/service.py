@@ -18,7 +18,9 @@ from service.jobs import reconciler, webhooks
 from service.config import Settings
 from service.datasets import service as datasets
 from service.datasets.models import DatasetRow
+from service.pagination import Page, PageQuery, paginate
 from service.errors import InvalidInput, InvalidState, NotFound
+from service.observability.uncertainty import served_uncertainty
 from service.runs import lifecycle, repository
 from service.runs.batching import PredictBatcher
 from service.runs.inference import ModelCache
@@ -58,10 +60,11 @@ def _to_read(row: RunRow, latest: object | None) -> RunRead:
     )
 
 
-def dataset_for_job(session: Session, dataset_id: uuid.UUID) -> DatasetRow:
-    """The dataset a new run or sweep names in its body (422 at body.dataset_id if missing)."""
+def dataset_for_job(session: Session, dataset_id: uuid.UUID, tenant_id: str) -> DatasetRow:
+    """The caller's dataset a new run or sweep names in its body (422 at body.dataset_id if
+    missing or another tenant's)."""
     try:
-        return datasets.get_row(session, dataset_id)
+        return datasets.get_row(session, dataset_id, tenant_id)
     except NotFound:
         raise InvalidInput(
             f"dataset {dataset_id} does not exist",
@@ -84,8 +87,8 @@ def submit(session: Session, settings: Settings, row: RunRow) -> None:
     reconciler.dispatch(settings, row)
 
 
-def create(session: Session, settings: Settings, data: RunCreate) -> RunRead:
-    dataset = dataset_for_job(session, data.dataset_id)
+def create(session: Session, settings: Settings, data: RunCreate, tenant_id: str) -> RunRead:
+    dataset = dataset_for_job(session, data.dataset_id, tenant_id)
     errors = spec_errors(data, dataset.task, dataset.n_rows)
     if errors:
         raise InvalidInput("the run spec does not fit the dataset: " + errors[0]["msg"], errors=errors)
@@ -100,7 +103,7 @@ def create(session: Session, settings: Settings, data: RunCreate) -> RunRead:
     spec = data.model_dump(mode="json", exclude={"dataset_id", "callback_url", "priority"})
     spec["task"] = dataset.task
     row = RunRow(
-        dataset_id=dataset.id, spec=spec, epochs_total=data.training.epochs, epochs_done=0,
+        tenant_id=tenant_id, dataset_id=dataset.id, spec=spec, epochs_total=data.training.epochs, epochs_done=0,
         queue=queue.queue_for_device(data.device), priority=data.priority,
         callback_url=str(data.callback_url) if data.callback_url else None,
     )
@@ -153,44 +156,54 @@ def spec_errors(data: RunCreate, task: str, n_rows: int) -> list[dict[str, Any]]
     return errors
 
 
-def get_row(session: Session, run_id: uuid.UUID) -> RunRow:
+def get_row(session: Session, run_id: uuid.UUID, tenant_id: str | None) -> RunRow:
+    """The run (or sweep), or NotFound; with ``tenant_id``, another tenant's is not found
+    either (None: any tenant's — for workers, which only get ids the API checked)."""
     row = repository.get(session, run_id)
-    if row is None:
+    if row is None or (tenant_id is not None and row.tenant_id != tenant_id):
         raise NotFound("run", run_id)
     return row
 
 
-def read(session: Session, run_id: uuid.UUID) -> RunRead:
-    row = get_row(session, run_id)
+def read(session: Session, run_id: uuid.UUID, tenant_id: str | None) -> RunRead:
+    row = get_row(session, run_id, tenant_id)
     return _to_read(row, repository.latest_metrics(session, [row.id]).get(row.id))
 
 
-def list_runs(session: Session, status: str | None = None, limit: int = 100) -> list[RunRead]:
-    query = select(RunRow).where(RunRow.kind == "train").order_by(RunRow.created_at.desc(), RunRow.id).limit(limit)
+def list_page(
+    session: Session, tenant_id: str, page: PageQuery, *, status: str | None = None,
+    dataset_id: uuid.UUID | None = None,
+) -> Page[RunRead]:
+    query = select(RunRow).where(RunRow.kind == "train", RunRow.tenant_id == tenant_id)
     if status is not None:
         query = query.where(RunRow.status == status)
-    rows = list(session.scalars(query))
+    if dataset_id is not None:
+        query = query.where(RunRow.dataset_id == dataset_id)
+    rows, next_cursor = paginate(session, query, RunRow, page)
     latest = repository.latest_metrics(session, [row.id for row in rows])
-    return [_to_read(row, latest.get(row.id)) for row in rows]
+    return Page([_to_read(row, latest.get(row.id)) for row in rows], next_cursor)
 
 
-def metrics(session: Session, run_id: uuid.UUID) -> MetricsList:
-    get_row(session, run_id)
+def metrics(session: Session, run_id: uuid.UUID, tenant_id: str | None) -> MetricsList:
+    get_row(session, run_id, tenant_id)
     return MetricsList(
         run_id=run_id,
         items=[EpochMetricsRead.model_validate(row) for row in repository.metrics(session, run_id)],
     )
 
 
-def load_model(session: Session, run_id: uuid.UUID) -> TrainedModel:
+def load_model(session: Session, run_id: uuid.UUID, tenant_id: str) -> TrainedModel:
     stored = repository.weights(session, run_id)
     if stored is None:
         raise InvalidState(f"run {run_id} has no stored weights")
-    return TrainedModel.from_stored(stored.network, stored.preprocessing, stored.weights)
+    model = TrainedModel.from_stored(stored.network, stored.preprocessing, stored.weights)
+    model.tenant_id = tenant_id  # checked on every cache hit
+    return model
 
 
 async def predict(
-    settings: Settings, cache: ModelCache, batcher: PredictBatcher, run_id: uuid.UUID, request: PredictRequest
+    settings: Settings, cache: ModelCache, batcher: PredictBatcher, run_id: uuid.UUID, request: PredictRequest,
+    tenant_id: str,
 ) -> PredictResponse:
     """MC dropout prediction for a succeeded run, for the event loop.
 
@@ -203,14 +216,16 @@ async def predict(
 
     def load_succeeded() -> TrainedModel:
         with get_sessionmaker(settings.sqlalchemy_url)() as session:
-            row = get_row(session, run_id)
+            row = get_row(session, run_id, tenant_id)
             if row.status != RunStatus.SUCCEEDED:
                 raise InvalidState(f"run {run_id} is {row.status}; predictions need a succeeded run")
-            return cache.get(run_id, lambda: load_model(session, run_id))
+            return cache.get(run_id, lambda: load_model(session, run_id, row.tenant_id))
 
     model = cache.peek(run_id)
     if model is None:
         model = await anyio.to_thread.run_sync(load_succeeded)
+    if model.tenant_id != tenant_id:  # a cached model of another tenant: as if it did not exist
+        raise NotFound("run", run_id)
     if len(request.inputs) > settings.max_predict_inputs:
         raise InvalidInput(
             f"at most {settings.max_predict_inputs} inputs per request",
@@ -237,16 +252,17 @@ async def predict(
             errors=[{"loc": ["body", "inputs"], "msg": "values beyond ±3.4e38", "type": "value_error"}],
         )
     predictions = await batcher.predict(run_id, model, features.astype(np.float32), request.samples, request.seed)
+    served_uncertainty.observe_predictions(str(run_id), predictions)  # /metrics: one numpy update per request
     return PredictResponse(
         run_id=run_id, task=model.task, samples=request.samples, seed=request.seed,
         class_names=model.class_names, predictions=predictions,
     )
 
 
-def cancel(session: Session, settings: Settings, run_id: uuid.UUID) -> tuple[RunRead, bool]:
+def cancel(session: Session, settings: Settings, run_id: uuid.UUID, tenant_id: str | None) -> tuple[RunRead, bool]:
     """Cancel a run: a queued run at once; a running one at its next batch boundary (its
     worker sees the flag through its lease renewal or epoch record). Returns (run, done)."""
-    row = get_row(session, run_id)
+    row = get_row(session, run_id, tenant_id)
     if row.status in RunStatus.TERMINAL:
         raise InvalidState(f"run {run_id} is already {row.status}; only queued or running runs can be cancelled")
     if lifecycle.transition(session, run_id, RunStatus.CANCELLED, expected=[RunStatus.QUEUED],
@@ -256,7 +272,7 @@ def cancel(session: Session, settings: Settings, run_id: uuid.UUID) -> tuple[Run
             webhooks.deliver_due(settings)
         except Exception as exc:
             log.warning("webhook delivery deferred: %s", exc)
-        return read(session, run_id), True
+        return read(session, run_id, tenant_id), True
     flagged = session.execute(
         update(RunRow).where(RunRow.id == run_id, RunRow.status == RunStatus.RUNNING)
         .values(cancel_requested=True, updated_at=utcnow())
@@ -264,13 +280,13 @@ def cancel(session: Session, settings: Settings, run_id: uuid.UUID) -> tuple[Run
     session.commit()
     if not flagged:  # it ended in the meantime
         session.expire_all()
-        row = get_row(session, run_id)
+        row = get_row(session, run_id, tenant_id)
         raise InvalidState(f"run {run_id} is already {row.status}; only queued or running runs can be cancelled")
-    return read(session, run_id), False
+    return read(session, run_id, tenant_id), False
 
 
-def evaluation(session: Session, run_id: uuid.UUID) -> dict[str, Any]:
-    row = get_row(session, run_id)
+def evaluation(session: Session, run_id: uuid.UUID, tenant_id: str | None) -> dict[str, Any]:
+    row = get_row(session, run_id, tenant_id)
     if row.status != RunStatus.SUCCEEDED:
         raise InvalidState(f"run {run_id} is {row.status}; it is evaluated when it succeeds")
     stored = repository.results(session, run_id)

@@ -28,21 +28,21 @@ def trained(client: TestClient, settings: Settings) -> dict:
     return train_in_process(client, settings, run)
 
 
-def _client(settings: Settings, **changes: object) -> Iterator[TestClient]:
+def _client(settings: Settings, headers: dict[str, str], **changes: object) -> Iterator[TestClient]:
     # A long wait makes merging certain however slow the machine; no reconciler needed here.
     app = create_app(settings.model_copy(update={"reconcile_interval_s": 0.0, **changes}))
-    with TestClient(app) as test_client:
+    with TestClient(app, headers=headers) as test_client:
         yield test_client
 
 
 @pytest.fixture(scope="module")
-def batching(settings: Settings) -> Iterator[TestClient]:
-    yield from _client(settings, predict_batching=True, predict_batch_wait_ms=300.0)
+def batching(settings: Settings, auth_headers: dict[str, str]) -> Iterator[TestClient]:
+    yield from _client(settings, auth_headers, predict_batching=True, predict_batch_wait_ms=300.0)
 
 
 @pytest.fixture(scope="module")
-def unbatched(settings: Settings) -> Iterator[TestClient]:
-    yield from _client(settings, predict_batching=False)
+def unbatched(settings: Settings, auth_headers: dict[str, str]) -> Iterator[TestClient]:
+    yield from _client(settings, auth_headers, predict_batching=False)
 
 
 def _at_once(count: int, call: Callable[[int], dict]) -> list[dict]:

@@ -91,11 +91,11 @@ def test_form_missing_fields(client: TestClient) -> None:
     assert_problem(response, 422, loc=["body", "target"])
 
 
-def test_upload_size_limit(settings, postgres_url) -> None:
+def test_upload_size_limit(settings, postgres_url, auth_headers) -> None:
     from service.api.app import create_app
 
     small = settings.model_copy(update={"max_upload_bytes": 1000})
-    with TestClient(create_app(small)) as limited:
+    with TestClient(create_app(small), headers=auth_headers) as limited:
         content = b"a,y\n" + b"1.0,0\n" * 400
         assert_problem(upload(limited, content, target="y"), 413)
 

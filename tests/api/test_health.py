@@ -27,7 +27,9 @@ def test_readyz_is_503_when_the_broker_is_unreachable(settings) -> None:
 
 def test_database_unreachable_is_503_not_500(settings) -> None:
     broken = settings.model_copy(update={"database_url": "postgresql+psycopg://postgres@127.0.0.1:1/none"})
-    with TestClient(create_app(broken), raise_server_exceptions=False) as client:
+    # a well-formed key: its lookup meets the outage (503), never a 401 or a 500
+    with TestClient(create_app(broken), raise_server_exceptions=False,
+                    headers={"Authorization": "Bearer mcd_" + "a" * 43}) as client:
         ready = client.get("/readyz")
         listing = client.get("/v1/runs")
     assert ready.status_code == 503 and ready.json()["checks"]["database"].startswith("unavailable")

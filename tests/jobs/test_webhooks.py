@@ -183,7 +183,7 @@ def database_url(postgres_url: str) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def dataset_id(database_url: str) -> uuid.UUID:
     with get_sessionmaker(database_url)() as session:
-        return create_builtin(session, DatasetCreate(name="iris", builtin="iris")).id
+        return create_builtin(session, DatasetCreate(name="iris", builtin="iris"), "default").id
 
 
 @pytest.fixture

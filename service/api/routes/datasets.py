@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from fastapi import APIRouter, Request, UploadFile
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from pydantic import ValidationError
 
-from service.api.deps import SessionDep, SettingsDep, ValidDataset
+from service.api.deps import CurrentTenant, PageDep, SessionDep, SettingsDep, ValidDataset
 from service.api.idempotency import IdempotencyKey, canonical, create_once
 from service.jobs.idempotency import fingerprint
 from service.datasets import service as datasets
@@ -60,7 +62,8 @@ async def _read_limited(upload: UploadFile, limit: int) -> bytes:
     },
 )
 async def create_dataset(
-    request: Request, session: SessionDep, settings: SettingsDep, idempotency_key: IdempotencyKey = None,
+    request: Request, session: SessionDep, settings: SettingsDep, tenant: CurrentTenant,
+    idempotency_key: IdempotencyKey = None,
 ) -> JSONResponse:
     content_type = request.headers.get("content-type", "")
     length = request.headers.get("content-length")
@@ -69,9 +72,11 @@ async def create_dataset(
     if content_type.startswith("multipart/form-data"):
         name, target, task, content = await _read_form(request, settings)
         return await run_in_threadpool(
-            create_once, settings, idempotency_key, scope="POST /v1/datasets", status_code=201,
+            create_once, settings, idempotency_key, tenant=tenant, scope="POST /v1/datasets", status_code=201,
             fingerprint=fingerprint(b"csv", name.encode(), target.encode(), task.encode(), content),
-            create=lambda: datasets.create_from_csv(session, settings, name=name, target=target, task=task, content=content),
+            create=lambda: datasets.create_from_csv(
+                session, settings, name=name, target=target, task=task, content=content, tenant_id=tenant,
+            ),
         )
     if not content_type.startswith("application/json"):
         raise InvalidInput(
@@ -89,9 +94,9 @@ async def create_dataset(
             errors=[{"loc": ["body", *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in exc.errors()],
         ) from None
     return await run_in_threadpool(
-        create_once, settings, idempotency_key, scope="POST /v1/datasets", status_code=201,
+        create_once, settings, idempotency_key, tenant=tenant, scope="POST /v1/datasets", status_code=201,
         fingerprint=fingerprint(b"builtin", canonical(data.model_dump(mode="json"))),
-        create=lambda: datasets.create_builtin(session, data),
+        create=lambda: datasets.create_builtin(session, data, tenant),
     )
 
 
@@ -120,8 +125,12 @@ async def _read_form(request: Request, settings: SettingsDep) -> tuple[str, str,
 
 
 @router.get("", response_model=DatasetList)
-def list_datasets(session: SessionDep) -> DatasetList:
-    return DatasetList(items=datasets.list_all(session))
+def list_datasets(
+    session: SessionDep, tenant: CurrentTenant, page: PageDep, task: Literal["classification", "regression"] | None = None,
+) -> DatasetList:
+    """The caller's datasets, a page at a time (newest first unless `sort=created_at`)."""
+    result = datasets.list_page(session, tenant, page, task=task)
+    return DatasetList(items=result.items, next_cursor=result.next_cursor)
 
 
 @router.get("/{dataset_id}", response_model=DatasetRead, responses={404: {"description": "no such dataset"}})
