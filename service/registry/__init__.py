@@ -1,0 +1,1 @@
+"""The model registry: named models per tenant, numbered versions, gated aliases."""
