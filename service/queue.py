@@ -13,12 +13,16 @@ from functools import lru_cache
 from celery import Celery
 
 from service.config import Settings
+from service.observability.context import current_request_id
 
 log = logging.getLogger(__name__)
 
 TRAIN_RUN_TASK = "mcdrop.runs.train"
+BATCH_PREDICT_TASK = "mcdrop.batch_predictions.run"  # jobs of kind "predict"
 CPU_QUEUE = "cpu"
 CUDA_QUEUE = "cuda"
+# Message header carrying the request id of the API request that sent it (to the worker's logs).
+REQUEST_ID_HEADER = "mcdrop_request_id"
 
 
 def broker_transport_options(settings: Settings) -> dict[str, object]:
@@ -84,15 +88,24 @@ def queue_for_device(device: str) -> str:
     return CUDA_QUEUE if device == "cuda" else CPU_QUEUE
 
 
-def enqueue_training(settings: Settings, run_id: uuid.UUID, *, queue_name: str, priority: int = 0) -> None:
-    """Send the training task for a committed run row. Raises on broker errors.
+def task_for_kind(kind: str) -> str:
+    """The task that runs a job of this kind (training runs and sweeps share one)."""
+    return BATCH_PREDICT_TASK if kind == "predict" else TRAIN_RUN_TASK
+
+
+def enqueue_training(
+    settings: Settings, run_id: uuid.UUID, *, queue_name: str, priority: int = 0, task_name: str = TRAIN_RUN_TASK,
+) -> None:
+    """Send the task (``task_name``: training by default) for a committed job row. Raises on broker errors.
 
     ``priority`` 0..9, higher is more urgent. Redis serves lower numbers first, so it is
     inverted there; the embedded broker has no priorities (first in, first out).
     """
     broker_priority = 9 - priority if not settings.embedded_broker else None
+    request_id = current_request_id()  # None when the reconciler re-sends it
     _client(settings).send_task(
-        TRAIN_RUN_TASK, args=[str(run_id)], queue=queue_name, priority=broker_priority,
+        task_name, args=[str(run_id)], queue=queue_name, priority=broker_priority,
+        headers={REQUEST_ID_HEADER: request_id} if request_id else None,
         retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1},
     )
 

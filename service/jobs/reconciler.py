@@ -42,9 +42,10 @@ def mark_dispatched(settings: Settings, run_id: uuid.UUID) -> None:
 
 
 def dispatch(settings: Settings, run: RunRow) -> bool:
-    """Send a run's training message; False (and logged) if the broker is unreachable."""
+    """Send a job's message (its task by kind); False (and logged) if the broker is unreachable."""
     try:
-        queue.enqueue_training(settings, run.id, queue_name=run.queue, priority=run.priority)
+        queue.enqueue_training(settings, run.id, queue_name=run.queue, priority=run.priority,
+                               task_name=queue.task_for_kind(run.kind))
         return True
     except Exception as exc:
         log.warning("could not send run %s to the broker: %s", run.id, exc)
