@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint bench bench-uci lock clean
+.PHONY: install run test lint bench bench-uci bench-fuzz lock clean chromium
 
 $(BIN)/python:
 	@$(PY) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "mcdrop needs Python 3.11 or newer (set PY=python3.x)")'
@@ -22,8 +22,14 @@ install: $(STAMP)
 run: install
 	@$(BIN)/mcdrop up
 
+## chromium: Debian's Chromium for the dashboard's browser tests, installed only when missing (as root);
+## without it those tests are skipped
+chromium: | $(BIN)/python
+	@test -x /usr/bin/chromium || { { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
+		>$(VENV)/chromium-install.log 2>&1 || echo "chromium could not be installed (see $(VENV)/chromium-install.log): the dashboard browser tests will be skipped"; }
+
 ## test: the whole test suite (needs PostgreSQL and Redis on 127.0.0.1, see .ci/run)
-test: install
+test: install chromium
 	@$(BIN)/python -m pytest
 
 bench: install
@@ -36,6 +42,11 @@ bench-gpu: install
 ## bench-uci: the MC dropout paper's UCI table through the HTTP API (long; needs ../shared/uci)
 bench-uci: install
 	@$(BIN)/python -m bench.uci
+
+## bench-fuzz: schemathesis, the long profile: EXAMPLES generated requests per operation and mode, no 5xx allowed
+EXAMPLES ?= 200
+bench-fuzz: install
+	@$(BIN)/python -m bench.fuzz_api --examples $(EXAMPLES)
 
 ## lock: regenerate constraints.txt from a fresh environment
 lock:

@@ -53,6 +53,7 @@ READER = """
 import json, sys, httpx
 url, last_event_id = sys.argv[1], sys.argv[2]
 headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+headers["Authorization"] = "Bearer " + sys.argv[3]
 with httpx.stream("GET", url, headers=headers, timeout=httpx.Timeout(5.0, read=30.0)) as response:
     print(json.dumps({"connected": response.status_code, "content_type": response.headers["content-type"]}), flush=True)
     message = {}
@@ -81,7 +82,7 @@ def server(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iter
     )
     process = Process(args, settings_env(settings), tmp_path_factory.mktemp("events") / "api.log")
     try:
-        process.wait_for_output("Application startup complete", timeout=60)
+        process.wait_for_output("Uvicorn running on", timeout=60)  # printed once the port is bound
         yield f"http://127.0.0.1:{port}"
     finally:
         process.stop()
@@ -129,8 +130,8 @@ def train_quickly(settings: Settings, run_id: uuid.UUID) -> None:
     succeed(settings, run_id)
 
 
-def start_reader(settings: Settings, url: str, log_path: Path, last_event_id: str = "") -> Process:
-    reader = Process([sys.executable, "-c", READER, url, last_event_id], settings_env(settings), log_path)
+def start_reader(settings: Settings, url: str, log_path: Path, api_key: str, last_event_id: str = "") -> Process:
+    reader = Process([sys.executable, "-c", READER, url, last_event_id, api_key], settings_env(settings), log_path)
     reader.wait_for_output('"connected"', timeout=20)
     return reader
 
@@ -180,11 +181,11 @@ def assert_well_formed(messages: list[dict[str, Any]], run_id: uuid.UUID) -> lis
 
 
 def test_a_reader_in_another_process_gets_live_events_in_order_then_resumes(
-    server: str, client: TestClient, settings: Settings, dataset: dict, tmp_path: Path,
+    server: str, client: TestClient, settings: Settings, dataset: dict, tmp_path: Path, api_key: str,
 ) -> None:
     run_id = new_run(client, dataset)
     url = server + EVENTS_PATH.format(run_id=run_id)
-    reader = start_reader(settings, url, tmp_path / "reader.log")
+    reader = start_reader(settings, url, tmp_path / "reader.log", api_key)
     try:
         wait_for_messages(reader, 1)  # the history: queued
         start_running(settings, run_id)
@@ -204,7 +205,7 @@ def test_a_reader_in_another_process_gets_live_events_in_order_then_resumes(
     assert events[2]["data"] == epoch_data(1)
 
     # Resume after the 2nd event: exactly the later ones, then the (terminal) stream closes.
-    resumed = start_reader(settings, url, tmp_path / "resumed.log", last_event_id=str(events[1]["id"]))
+    resumed = start_reader(settings, url, tmp_path / "resumed.log", api_key, last_event_id=str(events[1]["id"]))
     try:
         later = assert_well_formed(read_to_end(resumed), run_id)
     finally:
@@ -213,12 +214,12 @@ def test_a_reader_in_another_process_gets_live_events_in_order_then_resumes(
 
 
 def test_a_terminal_run_replays_its_history_and_closes(
-    server: str, client: TestClient, settings: Settings, dataset: dict,
+    server: str, client: TestClient, settings: Settings, dataset: dict, auth_headers: dict[str, str],
 ) -> None:
     run_id = new_run(client, dataset)
     train_quickly(settings, run_id)
     url = server + EVENTS_PATH.format(run_id=run_id)
-    with httpx.Client(timeout=10) as http:
+    with httpx.Client(timeout=10, headers=auth_headers) as http:
         everything = http.get(url)
         assert everything.status_code == 200 and everything.headers["cache-control"] == "no-store"
         events = [json.loads(message.data) for message in parse_event_stream(iter(everything.text.splitlines()))]
@@ -236,8 +237,10 @@ def test_a_terminal_run_replays_its_history_and_closes(
         assert nothing_left.status_code == 200 and not list(parse_event_stream(iter(nothing_left.text.splitlines())))
 
 
-def test_unknown_run_is_404_and_bad_ids_are_422(server: str, client: TestClient, dataset: dict) -> None:
-    with httpx.Client(base_url=server, timeout=10) as http:
+def test_unknown_run_is_404_and_bad_ids_are_422(
+    server: str, client: TestClient, dataset: dict, auth_headers: dict[str, str],
+) -> None:
+    with httpx.Client(base_url=server, timeout=10, headers=auth_headers) as http:
         assert_problem(http.get(EVENTS_PATH.format(run_id=uuid.uuid4())), 404)
         assert_problem(http.get(EVENTS_PATH.format(run_id="not-a-uuid")), 422, loc=["path", "run_id"])
         run_path = EVENTS_PATH.format(run_id=new_run(client, dataset))
@@ -248,7 +251,7 @@ def test_unknown_run_is_404_and_bad_ids_are_422(server: str, client: TestClient,
 
 
 def test_watch_follows_a_live_run_to_succeeded(
-    server: str, client: TestClient, settings: Settings, dataset: dict,
+    server: str, client: TestClient, settings: Settings, dataset: dict, auth_headers: dict[str, str],
 ) -> None:
     run_id = new_run(client, dataset)
     output = io.StringIO()
@@ -256,7 +259,7 @@ def test_watch_follows_a_live_run_to_succeeded(
 
     def follow() -> None:
         try:
-            result["status"] = watch(server, str(run_id), console=Console(file=output, width=160))
+            result["status"] = watch(server, str(run_id), console=Console(file=output, width=160), headers=auth_headers)
         except BaseException as exc:  # reported by the assertion below
             result["error"] = exc
 
@@ -270,7 +273,7 @@ def test_watch_follows_a_live_run_to_succeeded(
     assert "succeeded" in output.getvalue() and "val_accuracy" in output.getvalue()
 
     with pytest.raises(WatchError, match="404"):
-        watch(server, str(uuid.uuid4()), console=Console(file=io.StringIO()))
+        watch(server, str(uuid.uuid4()), console=Console(file=io.StringIO()), headers=auth_headers)
 
 
 def sse(event_id: int, kind: str, status: str, data: dict[str, Any]) -> bytes:
@@ -307,7 +310,7 @@ def test_watch_reconnects_with_last_event_id_after_a_dropped_connection() -> Non
 
 def test_a_database_outage_ends_the_stream_cleanly(
     client: TestClient, settings: Settings, dataset: dict, monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, auth_headers: dict[str, str],
 ) -> None:
     run_id = new_run(client, dataset)  # queued: the stream would wait for more
     real_poll = run_events.poll
@@ -322,7 +325,7 @@ def test_a_database_outage_ends_the_stream_cleanly(
     monkeypatch.setattr(run_events, "poll", poll_then_fail)
     app = create_app(settings)
     app.include_router(events_routes.router)
-    with caplog.at_level(logging.WARNING), TestClient(app) as test_client:
+    with caplog.at_level(logging.WARNING), TestClient(app, headers=auth_headers) as test_client:
         with test_client.stream("GET", EVENTS_PATH.format(run_id=run_id)) as response:
             assert response.status_code == 200
             text = response.read().decode()

@@ -3,10 +3,15 @@
 Each message is ``id: <event id>``, ``event: status|epoch``, ``data: <RunEventRead JSON>``.
 A client resumes with the ``Last-Event-ID`` header (what EventSource sends when it
 reconnects) or ``?after=<id>``; the stream closes after a terminal status event.
+
+GET /v1/events: the same messages for every run of the caller's tenant, live (it never closes
+by itself), after a first ``event: ready`` whose id is where the feed starts: a client that
+lists the runs *after* it has seen ``ready`` misses nothing (what the dashboard does).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import uuid
@@ -19,15 +24,16 @@ from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from service.api.deps import SettingsDep
+from service.api.deps import CurrentTenant, SettingsDep
 from service.db import get_sessionmaker
 from service.errors import InvalidInput
+from service.runs import event_feed
 from service.runs import events as run_events
 from service.runs import service as runs
 
 log = logging.getLogger(__name__)
 
-router = APIRouter(prefix="/v1/runs", tags=["runs"])
+router = APIRouter(tags=["runs"])
 
 POLL_INTERVAL_S = 0.25
 PING_INTERVAL_S = 15
@@ -86,10 +92,11 @@ async def _messages(
         yield ServerSentEvent(comment="database unavailable; reconnect with Last-Event-ID", retry=RECONNECT_AFTER_MS)
 
 
-@router.get("/{run_id}/events", response_class=EventSourceResponse, responses=STREAM_RESPONSES)
+@router.get("/v1/runs/{run_id}/events", response_class=EventSourceResponse, responses=STREAM_RESPONSES)
 def stream_run_events(
     run_id: uuid.UUID,
     settings: SettingsDep,
+    tenant: CurrentTenant,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
     after: Annotated[int | None, Query(ge=0, le=MAX_EVENT_ID, description="resume after this event id")] = None,
 ) -> EventSourceResponse:
@@ -97,11 +104,63 @@ def stream_run_events(
     after_id = _last_seen_id(last_event_id, after)
     # Its own short session (not SessionDep's, which would stay open while the response streams).
     with get_sessionmaker(settings.sqlalchemy_url)() as session:
-        runs.get_row(session, run_id)  # NotFound: 404
+        runs.get_row(session, run_id, tenant)  # NotFound: 404 (also another tenant's run)
     # On server shutdown sse-starlette sets ``shutdown``: the stream ends cleanly (within the
     # grace period) instead of being cut, and the client resumes elsewhere with Last-Event-ID.
     shutdown = anyio.Event()
     return EventSourceResponse(
         _messages(settings.sqlalchemy_url, run_id, after_id, shutdown), ping=PING_INTERVAL_S,
+        shutdown_event=shutdown, shutdown_grace_period=SHUTDOWN_GRACE_S,
+    )
+
+
+FEED_POLL_INTERVAL_S = 0.5
+
+
+async def _feed_messages(
+    feed: event_feed.Feed, after_id: int | None, shutdown: anyio.Event,
+) -> AsyncIterator[ServerSentEvent]:
+    try:
+        start = await feed.start(after_id)
+        yield ServerSentEvent(json.dumps({"after": start}), event="ready", id=str(start))
+        async for event in feed.events(stop=shutdown):
+            yield ServerSentEvent(event.model_dump_json(), event=event.kind, id=str(event.id))
+        yield ServerSentEvent(comment="server shutting down; reconnect with Last-Event-ID", retry=RECONNECT_AFTER_MS)
+    except SQLAlchemyError as exc:
+        if _database_outage(exc):
+            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+            log.warning("event feed of tenant %s ended: database unavailable (%s)", feed.tenant_id, reason)
+        else:
+            log.exception("event feed of tenant %s ended by a database error", feed.tenant_id)
+        yield ServerSentEvent(comment="database unavailable; reconnect with Last-Event-ID", retry=RECONNECT_AFTER_MS)
+
+
+@router.get(
+    "/v1/events", response_class=EventSourceResponse,
+    responses={
+        200: {
+            "description": "`text/event-stream`: first `event: ready` (`data: {\"after\": id}`), then `id`, "
+                           "`event` (status or epoch) and `data` (the event as JSON) for every run of the caller",
+            "content": {"text/event-stream": {}},
+        },
+        422: {"description": "Last-Event-ID or after is not an event id, or an unknown kind"},
+    },
+)
+def stream_tenant_events(
+    settings: SettingsDep,
+    tenant: CurrentTenant,
+    kind: Annotated[event_feed.JobKind | None, Query(description="only training runs, or only sweeps")] = None,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+    after: Annotated[int | None, Query(ge=0, le=MAX_EVENT_ID, description="resume after this event id")] = None,
+) -> EventSourceResponse:
+    """Every status change and finished epoch of the caller's runs, live; without `after` or
+    Last-Event-ID it starts with the next new event. Events that commit out of id order
+    (several workers at once) are still delivered, once each."""
+    resuming = (last_event_id is not None and last_event_id.strip() != "") or after is not None
+    after_id = _last_seen_id(last_event_id, after) if resuming else None
+    feed = event_feed.Feed(settings.sqlalchemy_url, tenant, kind=kind, poll_interval_s=FEED_POLL_INTERVAL_S)
+    shutdown = anyio.Event()
+    return EventSourceResponse(
+        _feed_messages(feed, after_id, shutdown), ping=PING_INTERVAL_S,
         shutdown_event=shutdown, shutdown_grace_period=SHUTDOWN_GRACE_S,
     )

@@ -1,0 +1,299 @@
+"""The dashboard in a real browser (Debian's Chromium, driven by Playwright) against a real API
+process and a real Celery worker on the tests' PostgreSQL and Redis, with auth on.
+
+Enter the API key at the prompt, add a data set and submit a run from the form, watch it reach
+`succeeded` in the runs table without a reload, open its curves and evaluation, predict in the
+playground and read the uncertainty back from the page (checked against the API with the same
+seed); then a sweep from its form to its heatmap. Screenshots go to tests/artifacts/.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from service.config import Settings
+from tests.conftest import Process, free_port, make_key, settings_env
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed at /usr/bin/chromium (make test installs it)"),
+]
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[test]')")
+expect = sync_api.expect
+
+# Flags for a closed network: no background requests to Google's hosts.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-default-apps"]
+
+
+@pytest.fixture(scope="module")
+def api_server(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`mcdrop serve` (auth on) and a Celery worker, each in its own process, started together."""
+    logs = tmp_path_factory.mktemp("dashboard")
+    port = free_port()
+    env = settings_env(settings) | {"MCDROP_HOST": "127.0.0.1", "MCDROP_PORT": str(port), "MCDROP_AUTH": "on"}
+    api = Process([sys.executable, "-m", "service.cli", "serve"], env, logs / "api.log")
+    worker = Process([sys.executable, "-m", "service.cli", "worker"], settings_env(settings), logs / "worker.log")
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if api.popen.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"the API did not become ready:\n{api.output()[-4000:]}")
+            time.sleep(0.2)
+        worker.wait_for_output(" ready.", timeout=90)
+        yield base
+    finally:
+        worker.stop()
+        api.stop()
+
+
+@pytest.fixture(scope="module")
+def tenant_key(settings: Settings) -> str:
+    """A tenant of this module's own: its runs table holds only what these tests submit."""
+    return make_key(settings, f"dashboard-{uuid.uuid4().hex[:8]}")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    with sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser: Any, api_server: str) -> Iterator[Any]:
+    context = browser.new_context(viewport={"width": 1300, "height": 900})
+    page = context.new_page()
+    problems: list[str] = []
+    page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+    page.on("console", lambda message: message.type == "error" and "401" not in message.text
+            and problems.append(f"console error: {message.text}"))
+    loads: list[str] = []
+    page.on("load", lambda p: loads.append(p.url))
+    page.problems, page.loads = problems, loads
+    yield page
+    context.close()
+    assert problems == [], problems
+
+
+def screenshot(page: Any, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"dashboard-{name}.png"), full_page=True)
+
+
+def number(locator: Any) -> float:
+    value = locator.get_attribute("data-value")
+    assert value not in (None, ""), "no number on the page"
+    return float(value)
+
+
+def enter_key(page: Any, key: str) -> None:
+    dialog = page.locator("#key-dialog")
+    expect(dialog).to_be_visible()
+    page.fill("#key-input", key)
+    page.click("#key-save")
+
+
+# Records every (status, progress) the run's row shows, as the page changes it.
+RECORD_ROW_STATES = """(runId) => {
+    window.__rowStates = [];
+    const record = () => {
+        const row = document.querySelector(`tr[data-run-id="${runId}"]`);
+        if (!row) return;
+        const state = [row.querySelector("[data-field=status]").textContent, row.querySelector("[data-field=progress] .text").textContent];
+        const last = window.__rowStates[window.__rowStates.length - 1];
+        if (!last || last[0] !== state[0] || last[1] !== state[1]) window.__rowStates.push(state);
+    };
+    record();
+    new MutationObserver(record).observe(document.querySelector("#runs-table tbody"), { childList: true, subtree: true, characterData: true });
+}"""
+
+
+def test_submit_watch_inspect_and_predict(page: Any, api_server: str, tenant_key: str) -> None:
+    api = httpx.Client(base_url=api_server, headers={"Authorization": f"Bearer {tenant_key}"}, timeout=30)
+
+    # The key prompt: the page asks, refuses a wrong key, keeps the right one for the session.
+    page.goto(f"{api_server}/dashboard")
+    expect(page.locator("#key-reason")).to_contain_text("API key")  # the API's 401 detail
+    enter_key(page, "mcd_" + "x" * 43)
+    expect(page.locator("#key-reason")).to_contain_text("refused")
+    screenshot(page, "key-prompt")
+    enter_key(page, tenant_key)
+    expect(page.locator("#key-dialog")).to_be_hidden()
+    expect(page.locator("#live")).to_have_text("● live")
+    expect(page.get_by_text("No runs yet")).to_be_visible()
+    page.evaluate("window.__sameDocument = true")
+
+    # A data set and a run from the form.
+    page.select_option("#builtin-name", "digits")
+    page.click("#builtin-add")
+    expect(page.locator("#run-dataset")).to_contain_text("digits (classification, 1797×64)")
+    page.fill("#run-hidden", "64, 64")
+    page.fill("#run-dropout", "0.5")
+    page.fill("#run-epochs", "6")
+    page.fill("#run-seed", "0")
+    page.click("#run-submit")
+    row = page.locator("#runs-table tbody tr").first
+    run_id = row.get_attribute("data-run-id")
+    assert run_id and uuid.UUID(run_id)
+    created = api.get(f"/v1/runs/{run_id}").json()
+    assert created["spec"]["model"] == {**created["spec"]["model"], "hidden_layers": [64, 64], "dropout": 0.5}
+    assert created["spec"]["training"]["epochs"] == 6 and created["spec"]["training"]["seed"] == 0
+
+    # Live, no reload: the row moves on by itself, through running, to succeeded, 6/6.
+    page.evaluate(RECORD_ROW_STATES, run_id)
+    expect(row.locator("[data-field=status]")).to_have_text("succeeded", timeout=90_000)
+    expect(row.locator("[data-field=progress]")).to_contain_text("6/6")
+    states = page.evaluate("window.__rowStates")
+    assert "running" in [status for status, _ in states] and states[-1] == ["succeeded", "6/6"], states
+    screenshot(page, "runs")
+    finished = api.get(f"/v1/runs/{run_id}").json()
+    assert finished["status"] == "succeeded" and finished["epochs_done"] == 6
+    expect(row.locator("[data-field=score]")).to_have_text(f"{finished['latest_metrics']['val_accuracy']:.3f}")
+    assert page.evaluate("window.__sameDocument") is True and len(page.loads) == 1
+
+    # The run page: six epochs on the curves (from the event stream), the evaluation panel.
+    row.locator(f"a[href='#/runs/{run_id}']").click()
+    expect(page.locator("#epoch-rows tr")).to_have_count(6)
+    expect(page.locator("#loss-chart canvas")).to_have_count(1)
+    expect(page.locator("#score-chart canvas")).to_have_count(1)
+    history = api.get(f"/v1/runs/{run_id}/metrics").json()["items"]
+    last = page.locator("#epoch-rows tr").nth(5).locator("td")
+    assert number(last.nth(2)) == pytest.approx(history[5]["val_loss"], rel=1e-12)
+    evaluation = api.get(f"/v1/runs/{run_id}/evaluation").json()
+    accuracy = page.locator("#evaluation-table tr[data-metric=accuracy] td")
+    expect(accuracy.nth(1)).to_have_attribute("data-value", re.compile(r"^0\.\d+$"), timeout=20_000)
+    assert number(accuracy.nth(1)) == pytest.approx(evaluation["mc"]["accuracy"])
+    assert number(accuracy.nth(2)) == pytest.approx(evaluation["deterministic"]["accuracy"])
+    expect(page.locator("#reliability-chart canvas")).to_have_count(1)
+    expect(page.locator("#entropy-histogram canvas")).to_have_count(1)
+    page.locator("summary", has_text="Per-epoch metrics").click()
+    screenshot(page, "run")
+
+    # The playground: a sample digit, T and a seed; the page's numbers are the API's.
+    page.click("text=Predict with this run")
+    expect(page.locator("#digit-pad")).to_be_visible()
+    page.click("[data-sample='0']")
+    page.fill("#predict-samples", "100")
+    page.fill("#predict-seed", "7")
+    page.click("#predict-button")
+    results = page.locator("#predict-results[data-seed='7'][data-samples='100']")
+    expect(results).to_be_visible()
+    inputs = json.loads("[" + page.input_value("#predict-inputs") + "]")
+    assert len(inputs) == 64
+    reference = api.post(f"/v1/runs/{run_id}/predict", json={"inputs": [inputs], "samples": 100, "seed": 7}).json()
+    expected = reference["predictions"][0]
+    shown = {key: number(page.locator(f"[data-metric={key}]")) for key in ("predictive_entropy", "expected_entropy", "mutual_information")}
+    probabilities = [number(cell) for cell in page.locator("#probabilities-table [data-field=probability]").all()]
+    spreads = [number(cell) for cell in page.locator("#probabilities-table [data-field=std]").all()]
+    assert len(probabilities) == 10 and math.isclose(sum(probabilities), 1.0, abs_tol=1e-6)
+    assert shown["predictive_entropy"] >= shown["mutual_information"] >= 0
+    assert shown["predictive_entropy"] >= shown["expected_entropy"] >= 0
+    assert shown["predictive_entropy"] <= math.log(10) + 1e-9
+    assert shown["predictive_entropy"] == pytest.approx(shown["expected_entropy"] + shown["mutual_information"], abs=1e-6)
+    for key, value in shown.items():
+        assert value == pytest.approx(expected[key], rel=1e-9), key
+    assert probabilities == pytest.approx(expected["probabilities"], rel=1e-9)
+    assert spreads == pytest.approx(expected["probabilities_std"], rel=1e-9)
+    expect(page.locator("#predicted-label")).to_have_text(expected["label"])
+    assert expected["label"] == "0"
+    expect(page.locator("#probability-chart canvas")).to_have_count(1)
+    screenshot(page, "predict")
+
+    # A new seed gives new masks: the page follows.
+    page.fill("#predict-seed", "8")
+    page.click("#predict-button")
+    expect(page.locator("#predict-results[data-seed='8']")).to_be_visible()
+    assert number(page.locator("[data-metric=predictive_entropy]")) != shown["predictive_entropy"]
+    assert len(page.loads) == 1
+
+
+def test_sweep_from_the_form_to_its_heatmap(page: Any, api_server: str, tenant_key: str) -> None:
+    api = httpx.Client(base_url=api_server, headers={"Authorization": f"Bearer {tenant_key}"}, timeout=30)
+    assert api.post("/v1/datasets", json={"name": "diabetes", "builtin": "diabetes"}).status_code == 201
+
+    page.goto(f"{api_server}/dashboard/#/sweeps")
+    enter_key(page, tenant_key)
+    page.locator("summary", has_text="New sweep").click()
+    expect(page.locator("#sweep-dataset")).to_contain_text("diabetes")
+    page.fill("#sweep-hidden", "50")
+    page.fill("#sweep-epochs", "20")
+    page.fill("#sweep-grid-dropout", "0.01, 0.1")
+    page.fill("#sweep-grid-tau", "0.1, 1")
+    page.fill("#sweep-folds", "2")
+    page.fill("#sweep-search-samples", "50")
+    page.fill("#sweep-test-samples", "100")
+    page.click("#sweep-submit")
+
+    cells = page.locator("#heatmap-table td.cell")
+    expect(cells).to_have_count(4, timeout=90_000)
+    expect(page.locator("#sweep-status")).to_have_text("succeeded")
+    sweep_id = page.url.rsplit("/", 1)[-1]
+    sweep = api.get(f"/v1/sweeps/{sweep_id}").json()
+    assert sweep["status"] == "succeeded" and sweep["n_configurations"] == 4 and sweep["n_splits"] == 2
+    by_cell = {(e["configuration"]["dropout"], e["configuration"]["tau"]): e["validation"]["log_likelihood"]["mean"]
+               for e in sweep["results"]["ranking"]}
+    for cell in cells.all():
+        key = (float(cell.get_attribute("data-x")), float(cell.get_attribute("data-y")))
+        assert number(cell) == pytest.approx(by_cell[key], rel=1e-12), key
+    best = page.locator("#heatmap-table td.cell.best")
+    expect(best).to_have_count(1)
+    assert number(best) == pytest.approx(max(by_cell.values()))
+    expect(page.locator("#ranking-table tbody tr")).to_have_count(4)
+    expect(page.locator("#sweep-test-table tbody tr")).to_have_count(2)
+    screenshot(page, "sweep")
+
+
+STREAM = ('retry: 1500\r\n: a comment\r\nid: 7\r\nevent: epoch\r\ndata: {"a":\r\ndata: 1}\r\n\r\n'
+          "event: ready\ndata: x\n\ndata: y\r\rid: 9\nevent: status\ndata:no-space\n\n: ping\r\n\r\n")
+PARSED = [
+    {"event": "epoch", "data": '{"a":\n1}', "id": "7"},
+    {"event": "ready", "data": "x", "id": "7"},
+    {"event": "message", "data": "y", "id": "7"},
+    {"event": "status", "data": "no-space", "id": "9"},
+]
+
+
+def test_event_stream_parser_in_the_browser(page: Any, api_server: str) -> None:
+    """The dashboard's text/event-stream parser, however the stream is cut into chunks."""
+    page.goto(f"{api_server}/dashboard/")  # for the origin; the module is imported on its own below
+    results = page.evaluate(
+        """async (text) => {
+            const { EventStreamParser } = await import("/dashboard/js/api.js");
+            const runs = [];
+            for (let cut = 0; cut <= text.length; cut++) {
+                const parser = new EventStreamParser();
+                runs.push({ messages: [...parser.feed(text.slice(0, cut)), ...parser.feed(text.slice(cut))], retry: parser.retry });
+            }
+            const parser = new EventStreamParser();
+            const messages = [];
+            for (const character of text) messages.push(...parser.feed(character));
+            runs.push({ messages, retry: parser.retry });
+            return runs;
+        }""",
+        STREAM,
+    )
+    assert len(results) == len(STREAM) + 2
+    for result in results:
+        assert result == {"messages": PARSED, "retry": 1500}
