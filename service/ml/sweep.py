@@ -6,19 +6,19 @@ one after another, each step is dominated by Python and dispatch overhead; here 
 live in stacked tensors (weights ``[M, in, out]``, biases ``[M, 1, out]``) and every layer is one
 batched matrix product (``torch.baddbmm``) for all nets.
 
-Training (:func:`train_stacked`) is the objective of :mod:`service.ml.training` for regression,
-net by net::
+Training (:func:`train_stacked`) is the objective of :mod:`service.ml.training`, net by net::
 
     data_loss + (weight_decay / 2) * sum_W ||W||^2 + l1 * sum_W |W|_1      (weights only)
 
-with the mean squared error on the standardised target as ``data_loss`` (or, for
-``heteroscedastic`` nets, the Trainer's Gaussian negative log-likelihood
-``0.5 (log_variance + (y - mean)^2 / variance)`` of a predicted mean and log-variance). The
-stacked loss is the sum over nets, so every gradient stays per net; the
-gradients are computed by hand (no autograd graph) and Adam (torch defaults) runs elementwise
-on the stacked tensors with a per-net learning rate and step count. A net's trajectory depends
-only on its own config, initial weights and rows: changing another net of the stack changes
-nothing (bit for bit).
+with, for regression, the mean squared error on the standardised target as ``data_loss`` (or,
+for ``heteroscedastic`` nets, the Trainer's Gaussian negative log-likelihood
+``0.5 (log_variance + (y - mean)^2 / variance)`` of a predicted mean and log-variance), and for
+classification (a stack with ``task="classification"`` and one logit per class) the mean
+softmax cross-entropy of the class indices, as ``F.cross_entropy``. The stacked loss is the sum
+over nets, so every gradient stays per net; the gradients are computed by hand (no autograd
+graph) and Adam (torch defaults) runs elementwise on the stacked tensors with a per-net learning
+rate and step count. A net's trajectory depends only on its own config, initial weights and
+rows: changing another net of the stack changes nothing (bit for bit).
 
 Randomness, per net and epoch ``e`` (1-based), all derived from
 ``training.epoch_seed(config.seed, e)`` (so a resumed run is bit-identical):
@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from service.ml.nets import ACTIVATIONS, Activation, NetworkSpec, build_network
+from service.ml.nets import ACTIVATIONS, TASKS, Activation, NetworkSpec, Task, build_network
 from service.ml.training import TrainingCancelled, epoch_seed
 
 ArrayLike = Tensor | np.ndarray
@@ -244,6 +244,9 @@ class StackedMLP(nn.Module):
     ``build_network(NetworkSpec(...), seed=seeds[i])``. A ``heteroscedastic`` stack has two
     outputs, the mean and log-variance of the (standardised) target.
 
+    A ``task="classification"`` stack outputs one logit per class (``n_outputs`` classes) and is
+    trained with the softmax cross-entropy.
+
     ``forward`` takes ``[M, B, in]`` (or shared inputs ``[B, in]``) and returns ``[M, B, out]``;
     in train mode it applies dropout with masks of its own per net and row, drawn from
     ``generator`` (torch's global RNG by default). :func:`train_stacked` does not use
@@ -261,8 +264,13 @@ class StackedMLP(nn.Module):
         input_dropout_rate: Sequence[float] | Tensor | float = 0.0,
         activation: Activation = "relu",
         heteroscedastic: bool = False,
+        task: Task = "regression",
     ) -> None:
         super().__init__()
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        if heteroscedastic and task != "regression":
+            raise ValueError("a heteroscedastic stack is for regression only")
         if heteroscedastic and n_outputs != 2:
             raise ValueError(f"a heteroscedastic stack needs n_outputs=2 (mean, log-variance), got {n_outputs}")
         if activation not in ACTIVATIONS:
@@ -275,6 +283,7 @@ class StackedMLP(nn.Module):
         self.n_outputs = int(n_outputs)
         self.activation: Activation = activation
         self.heteroscedastic = bool(heteroscedastic)
+        self.task: Task = task
         n_nets = len(seeds)
         # The spec only serves to build the reference nets; dropout modules draw no random numbers.
         spec = NetworkSpec(self.n_inputs, self.n_outputs, self.hidden_layers, (0.0,) * len(self.hidden_layers),
@@ -311,17 +320,39 @@ class StackedMLP(nn.Module):
         configs: Sequence[NetConfig],
         *,
         activation: Activation = "relu",
+        n_classes: int | None = None,
     ) -> StackedMLP:
-        """Regression nets for ``configs``: one output, or mean and log-variance if heteroscedastic."""
+        """Nets for ``configs``: with ``n_classes``, classifiers with one logit per class; else
+        regression nets with one output, or mean and log-variance if heteroscedastic."""
         heteroscedastic = _common_heteroscedastic(configs)
+        if n_classes is not None and (isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 2):
+            raise ValueError(f"n_classes must be an integer >= 2, got {n_classes!r}")
+        if n_classes is not None and heteroscedastic:
+            raise ValueError("heteroscedastic nets are for regression only, not with n_classes")
         return cls(
-            n_inputs, hidden_layers, 2 if heteroscedastic else 1,
+            n_inputs, hidden_layers, n_classes if n_classes is not None else (2 if heteroscedastic else 1),
             seeds=[c.seed for c in configs],
             dropout_rate=[c.dropout for c in configs],
             input_dropout_rate=[c.input_dropout for c in configs],
             activation=activation,
             heteroscedastic=heteroscedastic,
+            task="regression" if n_classes is None else "classification",
         )
+
+    def subset(self, nets: slice) -> StackedMLP:
+        """A new stack holding copies of the nets ``nets`` (weights, biases and rates)."""
+        start, stop, step = nets.indices(self.n_nets)
+        if step != 1 or stop <= start:
+            raise ValueError(f"nets must be a non-empty contiguous slice of the {self.n_nets} nets, got {nets}")
+        part = StackedMLP(
+            self.n_inputs, self.hidden_layers, self.n_outputs, seeds=[0] * (stop - start),
+            dropout_rate=self.dropout_rate[start:stop], input_dropout_rate=self.input_dropout_rate[start:stop],
+            activation=self.activation, heteroscedastic=self.heteroscedastic, task=self.task,
+        ).to(self.weights[0].device)
+        with torch.no_grad():
+            for mine, theirs in zip(part.parameters(), self.parameters()):
+                mine.copy_(theirs[start:stop])
+        return part
 
     @property
     def n_nets(self) -> int:
@@ -463,7 +494,11 @@ class _StackedTrainer:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.heteroscedastic = _common_heteroscedastic(configs)
-        if model.n_outputs != (2 if self.heteroscedastic else 1) or model.heteroscedastic != self.heteroscedastic:
+        self.classification = model.task == "classification"
+        if self.classification:
+            if self.heteroscedastic:
+                raise ValueError("heteroscedastic configs need a regression stack, the model is a classifier")
+        elif model.n_outputs != (2 if self.heteroscedastic else 1) or model.heteroscedastic != self.heteroscedastic:
             raise ValueError(
                 f"a {'heteroscedastic' if self.heteroscedastic else 'regression'} stack needs "
                 f"{2 if self.heteroscedastic else 1} outputs, the model has {model.n_outputs}"
@@ -478,7 +513,11 @@ class _StackedTrainer:
         self.device = device = model.weights[0].device
         self.batch_size = batch = int(batch_size)
         self.x = torch.as_tensor(x).to(device=device, dtype=torch.float32)
-        self.y = torch.as_tensor(y).to(device=device, dtype=torch.float32)
+        target = torch.as_tensor(y)
+        if self.classification and (target.dtype.is_floating_point or target.dtype.is_complex
+                                    or target.dtype == torch.bool):
+            raise ValueError(f"a classifier's targets must be integer class indices, got {target.dtype}")
+        self.y = target.to(device=device, dtype=torch.int64 if self.classification else torch.float32)
         if self.y.ndim == 2 and self.y.shape[1] == 1:
             self.y = self.y[:, 0]
         if self.x.ndim != 2 or self.x.shape[1] != model.n_inputs or self.y.shape != (len(self.x),):
@@ -493,6 +532,10 @@ class _StackedTrainer:
         for r in rows:
             if int(r.min()) < 0 or int(r.max()) >= len(self.x):
                 raise ValueError("train_index holds a row index outside x")
+        if self.classification:
+            used = self.y[torch.cat(rows).to(device)]
+            if int(used.min()) < 0 or int(used.max()) >= model.n_outputs:
+                raise ValueError(f"class indices must be in [0, {model.n_outputs}) for a stack of {model.n_outputs} classes")
 
         # Row layout of an epoch: net i's shuffled rows fill slots [0, n_i) of [S * B], the rest
         # is padding (row 0, weight 0). Step s takes slots [s B, (s + 1) B).
@@ -676,8 +719,16 @@ class _StackedTrainer:
                                hidden[last].transpose(1, 2))
 
         # Loss (mean over each net's real rows of the batch) and its gradient wrt the output.
-        residual = output[:, 0] - targets
-        if self.heteroscedastic:
+        if self.classification:
+            # Cross-entropy of the logits [M, C, B]; its gradient is softmax - one_hot(target).
+            log_probabilities = torch.log_softmax(output, dim=1)
+            picked = targets.unsqueeze(1)
+            row_loss = -log_probabilities.gather(1, picked)[:, 0]
+            output_gradient = log_probabilities.exp_()
+            output_gradient.scatter_add_(1, picked, torch.full_like(picked, -1.0, dtype=output_gradient.dtype))
+            output_gradient.mul_(weight_rows.unsqueeze(1))
+        elif self.heteroscedastic:
+            residual = output[:, 0] - targets
             log_variance = output[:, 1]
             precision = torch.exp(-log_variance)
             scaled_square = residual.square() * precision
@@ -686,6 +737,7 @@ class _StackedTrainer:
                 (weight_rows * residual * precision, 0.5 * weight_rows * (1.0 - scaled_square)), dim=1
             )
         else:
+            residual = output[:, 0] - targets
             row_loss = residual.square()
             output_gradient = (2.0 * weight_rows * residual).unsqueeze(1)
         loss_sum[nets].add_((row_loss * real_rows).sum(dim=1))
@@ -787,7 +839,8 @@ def train_stacked(
 ) -> StackedTrainingState:
     """Train the M nets of ``model`` together up to ``epochs`` (from ``state`` if given).
 
-    ``x [N, D]`` (standardised inputs) and ``y [N]`` (standardised target) are shared; net i
+    ``x [N, D]`` (standardised inputs) and ``y [N]`` (standardised target, or integer class
+    indices in ``[0, n_outputs)`` for a classification stack) are shared; net i
     trains on rows ``train_index[i]`` (lengths may differ) with ``configs[i]``, whose dropout
     rates must be the model's (build it with :meth:`StackedMLP.from_configs`). Each epoch every
     net shuffles its own rows and walks them in batches of ``batch_size``; a net with fewer

@@ -60,7 +60,12 @@ def configurations(spec: SweepCreate) -> list[Configuration]:
 
 
 def splits(spec: SweepCreate, n_rows: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(train rows, test rows) per split: the given ones, or k folds of a seeded permutation."""
+    """(train rows, test rows) per split: the given ones, or k folds of a seeded permutation.
+
+    A fold's training rows keep the permutation's order (they are not sorted), so the validation
+    rows that :func:`search_rows` takes from their end are a random sample too — also for data
+    sets stored sorted by class or by target.
+    """
     if spec.splits.given is not None:
         return [(np.asarray(s.train_indices, dtype=np.int64), np.asarray(s.test_indices, dtype=np.int64))
                 for s in spec.splits.given]
@@ -68,7 +73,7 @@ def splits(spec: SweepCreate, n_rows: int) -> list[tuple[np.ndarray, np.ndarray]
     assert k is not None
     order = np.random.default_rng(spec.splits.seed).permutation(n_rows)
     folds = np.array_split(order, k)
-    return [(np.sort(np.concatenate(folds[:i] + folds[i + 1:])), np.sort(folds[i])) for i in range(k)]
+    return [(np.concatenate(folds[:i] + folds[i + 1:]), np.sort(folds[i])) for i in range(k)]
 
 
 def search_rows(train: np.ndarray, validation_fraction: float) -> tuple[np.ndarray, np.ndarray]:
@@ -86,7 +91,14 @@ def mean_and_standard_error(values: list[float]) -> dict[str, float | None]:
     return {"mean": mean, "se": se}
 
 
-HIGHER_IS_BETTER = {"log_likelihood": True, "rmse": False}
+HIGHER_IS_BETTER = {"log_likelihood": True, "rmse": False, "nll": False, "accuracy": True, "brier": False}
+# Validation metrics a sweep can rank by, per task; the first is the default.
+RANKING_METRICS = {"regression": ("log_likelihood", "rmse"), "classification": ("nll", "accuracy", "brier")}
+
+
+def default_metric(task: str) -> str:
+    """The ranking metric of a sweep that names none: the (negative) log-likelihood of the task."""
+    return RANKING_METRICS[task][0]
 
 
 def best_index(values: list[float | None], metric: str) -> int:

@@ -51,7 +51,7 @@ class SplitsSpec(BaseModel):
         return self
 
 
-SweepMetric = Literal["log_likelihood", "rmse"]
+SweepMetric = Literal["log_likelihood", "rmse", "nll", "accuracy", "brier"]
 
 
 class SweepCreate(BaseModel):
@@ -79,10 +79,19 @@ class SweepCreate(BaseModel):
         default=False, description="input dropout = the configuration's dropout rate (the UCI protocol)"
     )
     splits: SplitsSpec = Field(default_factory=lambda: SplitsSpec(folds=5))
-    metric: SweepMetric = Field(default="log_likelihood", description="validation metric that ranks configurations")
+    metric: SweepMetric | None = Field(
+        default=None,
+        description="validation metric that ranks configurations: log_likelihood (default) or rmse for "
+        "regression; nll (default), accuracy or brier (MC dropout predictions) for classification",
+    )
     retrain_best: bool = Field(
         default=True,
         description="retrain each split's best configuration on the split's training rows and evaluate it on its test rows",
+    )
+    test_every_configuration: bool = Field(
+        default=False,
+        description="also score every configuration's search nets (trained on the split's training rows "
+        "less the validation rows) on the split's test rows: reported per configuration, never used for ranking",
     )
     search_samples: int = Field(default=100, ge=1, le=10_000, description="T for the validation metric")
     test_samples: int = Field(default=10_000, ge=1, le=10_000, description="T for the test metrics")
@@ -110,10 +119,14 @@ class SweepRead(BaseModel):
     finished_at: datetime | None
     results: dict[str, Any] | None = Field(
         default=None,
-        description="ranking of configurations (mean ± SE over splits of the validation metric) "
-        "and, with retrain_best, per-split test RMSE and log-likelihood with mean ± SE",
+        description="ranking of configurations (mean ± SE over splits of the validation metrics; for "
+        "classification also the training rows' metrics and the validation − training gap) and, with "
+        "retrain_best, the per-split test metrics of each split's best configuration with mean ± SE "
+        "(regression: RMSE and log-likelihood; classification: accuracy, NLL, Brier score, ECE and AUROCs "
+        "of MC dropout beside the deterministic net's accuracy, NLL, Brier score and ECE)",
     )
 
 
 class SweepList(BaseModel):
     items: list[SweepRead]
+    next_cursor: str | None = Field(default=None, description="pass as ?cursor= for the next page; null on the last page")

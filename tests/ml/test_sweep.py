@@ -316,3 +316,115 @@ def test_configs_and_helpers():
         train_stacked(model, X, Y, [TRAIN], [config(0, dropout=0.3)], epochs=1, batch_size=32)
     seeds = [0, 5, 2**32 - 1, 2**40]
     assert epoch_seeds(seeds, 7) == [epoch_seed(seed, 7) for seed in seeds]
+
+
+# -- classification ----------------------------------------------------------------------------
+
+
+def digits():
+    """Standardised digits: x [1797, 64], class indices y [1797], 600 training and 300 validation rows."""
+    dataset = load_builtin("digits")
+    order = np.random.default_rng(0).permutation(dataset.n_rows)
+    train, val = np.sort(order[:600]), np.sort(order[600:900])
+    x = Standardizer.fit(dataset.features[train]).transform(dataset.features).astype(np.float32)
+    return x, dataset.target.astype(np.int64), train, val
+
+
+DIGITS_X, DIGITS_Y, DIGITS_TRAIN, DIGITS_VAL = digits()
+
+
+def classification_trainer(cfg, hidden=(32,), activation="relu", epochs=1, batch_size=32):
+    spec = NetworkSpec(64, 10, hidden, (cfg.dropout,) * len(hidden), cfg.input_dropout, activation)
+    training = TrainingConfig(epochs=epochs, batch_size=batch_size, learning_rate=cfg.learning_rate,
+                              weight_decay=cfg.weight_decay, l1=cfg.l1, seed=cfg.seed)
+    return Trainer(build_network(spec, seed=cfg.seed), "classification", DIGITS_X[DIGITS_TRAIN],
+                   DIGITS_Y[DIGITS_TRAIN], DIGITS_X[DIGITS_VAL], DIGITS_Y[DIGITS_VAL], training)
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_without_dropout_stacked_classification_reproduces_the_trainer(activation):
+    # Same initial weights and data order, cross-entropy of the logits: only float rounding differs.
+    configs = [config(seed, dropout=0.0, input_dropout=0.0, l1=1e-4) for seed in (0, 1, 2)]
+    model = StackedMLP.from_configs(64, (24, 12), configs, activation=activation, n_classes=10)
+    assert model.task == "classification" and model.n_outputs == 10
+    state = train_stacked(model, DIGITS_X, DIGITS_Y, [DIGITS_TRAIN] * 3, configs, epochs=2, batch_size=32)
+    for i, cfg in enumerate(configs):
+        trainer = classification_trainer(cfg, hidden=(24, 12), activation=activation, epochs=2)
+        history = fit(trainer)
+        assert [float(loss[i]) for loss in state.history] == pytest.approx([m.train_loss for m in history], rel=1e-5)
+        # Adam turns round-off in a near-zero gradient into a step of up to the learning rate (1e-2).
+        for stacked, alone in zip(model.to_network(i).state_dict().values(), trainer.net.state_dict().values()):
+            torch.testing.assert_close(stacked, alone, rtol=1e-4, atol=1e-4)
+    logits = deterministic_stacked(model, DIGITS_X[DIGITS_VAL])
+    assert logits.shape == (3, len(DIGITS_VAL), 10)
+
+
+def test_stacked_classification_with_dropout_matches_the_trainer_statistically():
+    seeds = list(range(8))
+    configs = [config(seed, dropout=0.3, input_dropout=0.1, weight_decay=0.0, learning_rate=3e-3) for seed in seeds]
+    model = StackedMLP.from_configs(64, (32,), configs, n_classes=10)
+    state = train_stacked(model, DIGITS_X, DIGITS_Y, [DIGITS_TRAIN] * 8, configs, epochs=8, batch_size=64)
+    logits = deterministic_stacked(model, DIGITS_X[DIGITS_VAL]).double()
+    targets = torch.as_tensor(DIGITS_Y[DIGITS_VAL])
+    stacked_val = nn.functional.cross_entropy(logits.transpose(1, 2), targets.expand(8, -1), reduction="none").mean(dim=1)
+    stacked_accuracy = (logits.argmax(-1) == targets).double().mean(dim=1)
+    alone_val, alone_accuracy, alone_first = [], [], []
+    for cfg in configs:
+        history = fit(classification_trainer(cfg, epochs=8, batch_size=64))
+        alone_val.append(history[-1].val_loss)
+        alone_accuracy.append(history[-1].val_accuracy)
+        alone_first.append(history[0].train_loss)
+    stacked_val, alone_val = stacked_val.numpy(), np.array(alone_val)
+    standard_error = math.sqrt(stacked_val.var(ddof=1) / 8 + alone_val.var(ddof=1) / 8)
+    assert abs(stacked_val.mean() - alone_val.mean()) < 3 * standard_error
+    assert abs(float(stacked_accuracy.mean()) - np.mean(alone_accuracy)) < 0.02
+    assert float(stacked_accuracy.mean()) > 0.9  # it learned (chance is 0.1)
+    # Same initial weights and data order: the first epoch differs only by the dropout masks.
+    difference = np.abs(state.history[0].numpy() - np.array(alone_first))
+    assert difference.max() < 0.1
+    assert difference.mean() < 0.5 * np.std(alone_first) + 0.02
+
+
+def test_classification_stacks_check_their_inputs():
+    configs = [config(0), config(1)]
+    model = StackedMLP.from_configs(64, (8,), configs, n_classes=10)
+    with pytest.raises(ValueError, match="integer class indices"):
+        train_stacked(model, DIGITS_X, DIGITS_Y.astype(np.float32), [DIGITS_TRAIN] * 2, configs, epochs=1, batch_size=32)
+    with pytest.raises(ValueError, match="class indices must be in"):
+        train_stacked(model, DIGITS_X, DIGITS_Y + 1, [DIGITS_TRAIN] * 2, configs, epochs=1, batch_size=32)
+    with pytest.raises(ValueError, match="regression only"):
+        StackedMLP.from_configs(64, (8,), [config(0, heteroscedastic=True)], n_classes=10)
+    with pytest.raises(ValueError, match="n_classes"):
+        StackedMLP.from_configs(64, (8,), configs, n_classes=1)
+
+
+def test_a_subset_holds_copies_of_its_nets():
+    configs = [config(seed, dropout=0.1 * seed, input_dropout=0.0) for seed in range(4)]
+    model = StackedMLP.from_configs(64, (8,), configs, n_classes=10)
+    part = model.subset(slice(1, 3))
+    assert part.n_nets == 2 and part.task == "classification"
+    assert part.dropout_rate.tolist() == pytest.approx([0.1, 0.2])
+    inputs = torch.as_tensor(DIGITS_X[:5])
+    torch.testing.assert_close(deterministic_stacked(part, inputs), deterministic_stacked(model, inputs)[1:3])
+    with torch.no_grad():
+        part.weights[0].zero_()
+    assert bool(model.weights[0][1].abs().sum() > 0)  # copies, not views
+    samples = predict_stacked(model, inputs, samples=3, seed=0)
+    assert samples.shape == (4, 3, 5, 10)
+    with pytest.raises(ValueError):
+        model.subset(slice(2, 2))
+
+
+def test_stacked_mc_classification_agrees_with_the_services_mc_sampling():
+    from service.ml.mc import sample_outputs, summarize_classification
+
+    configs = [config(0, dropout=0.5, input_dropout=0.2, weight_decay=0.0, learning_rate=3e-3)]
+    model = StackedMLP.from_configs(64, (32,), configs, n_classes=10)
+    train_stacked(model, DIGITS_X, DIGITS_Y, [DIGITS_TRAIN], configs, epochs=5, batch_size=64)
+    inputs = torch.as_tensor(DIGITS_X[DIGITS_VAL[:100]])
+    stacked = summarize_classification(predict_stacked(model, inputs, samples=400, seed=0)[0])
+    alone = summarize_classification(sample_outputs(model.to_network(0), inputs, 400, 0))
+    # Different masks, the same predictive distribution: only Monte Carlo error (T = 400).
+    assert np.abs(stacked.probabilities - alone.probabilities).max() < 0.08
+    assert np.abs(stacked.mutual_information - alone.mutual_information).mean() < 0.02
+    assert (stacked.label == alone.label).mean() > 0.95
