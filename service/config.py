@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+import json
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -53,6 +54,11 @@ class Settings(BaseSettings):
         description="re-send a queued run's message after this long without a worker taking it (doubles each time, capped at 1 h)",
     )
     transient_retry_s: float = Field(default=120.0, ge=0, description="how long a worker retries database writes")
+    checkpoint_interval_s: float = Field(
+        default=1.0, ge=0,
+        description="a training run writes its finished epochs' metrics and events, epochs_done and a checkpoint "
+                    "in one transaction at most this often (and after its last epoch); 0: after every epoch",
+    )
     task_max_retries: int = 5
     idempotency_ttl_s: float = 24 * 3600.0
     # Webhooks: HMAC-SHA256 signing secret shared by every process; when unset, one is generated
@@ -66,6 +72,41 @@ class Settings(BaseSettings):
     predict_batching: bool = True
     predict_batch_wait_ms: float = Field(default=2.0, ge=0, description="longest wait for other requests to join a batch")
     predict_batch_max_inputs: int = Field(default=256, ge=1, description="most input rows in one merged forward")
+    # Model registry (service/registry): each API replica polls the aliases this often and
+    # preloads a moved alias's model before switching to it; 0: no polling (resolve per request).
+    registry_refresh_interval_s: float = Field(default=1.0, ge=0, description="alias refresher poll period; 0 disables it")
+    # Acquisition (POST /v1/models/{name}/acquire): pool limits and the rows sampled at a time.
+    acquire_max_pool_rows: int = Field(default=100_000, ge=1, description="most rows in an acquisition pool")
+    acquire_max_row_samples: int = Field(default=5_000_000, ge=1, description="most pool rows × samples (T) per request")
+    acquire_chunk_rows: int = Field(default=1024, ge=1, description="pool rows sampled together")
+
+    # Observability (service/observability): log lines as JSON objects or text; an optional
+    # token for GET /metrics; origins allowed to call the API from a browser (empty: CORS off).
+    log_format: Literal["text", "json"] = "text"
+    metrics_token: SecretStr | None = Field(default=None, description="if set, GET /metrics needs `Authorization: Bearer <token>`")
+    cors_origins: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(), description="comma-separated (or a JSON list) origins, e.g. https://dash.example.org; '*' for any",
+    )
+
+    # Auth: API keys (Authorization: Bearer <key>), each belonging to a tenant. "off" is only
+    # accepted for an embedded server (SQLite + filesystem broker) bound to loopback.
+    auth: Literal["on", "off"] = "on"
+    auth_cache_s: float = Field(default=10.0, ge=0, description="how long a verified key is trusted without a database read (revocation delay)")
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            value = json.loads(text) if text.startswith("[") else text.split(",")
+        if isinstance(value, (list, tuple)):
+            origins = tuple(str(origin).strip().rstrip("/") for origin in value if str(origin).strip())
+            for origin in origins:
+                scheme, _, host = origin.partition("://")
+                if origin != "*" and (scheme not in ("http", "https") or not host or "/" in host or " " in host):
+                    raise ValueError(f"{origin!r} is not an origin (scheme://host[:port], or '*')")
+            return origins
+        return value
 
     @field_validator("data_dir")
     @classmethod
@@ -84,6 +125,29 @@ class Settings(BaseSettings):
     @property
     def embedded_broker(self) -> bool:
         return self.broker_url is None or self.broker_url.startswith("filesystem://")
+
+    @property
+    def embedded(self) -> bool:
+        """SQLite and the filesystem broker: a single-machine service."""
+        return self.sqlalchemy_url.startswith("sqlite") and self.embedded_broker
+
+    @property
+    def loopback(self) -> bool:
+        return self.host in ("127.0.0.1", "localhost", "::1") or self.host.startswith("127.")
+
+    @property
+    def auth_enabled(self) -> bool:
+        return self.auth == "on"
+
+    def auth_problem(self) -> str | None:
+        """Why this configuration must not start, or None."""
+        if self.auth == "off" and not (self.embedded and self.loopback):
+            return (
+                "MCDROP_AUTH=off is only allowed for an embedded server (SQLite, filesystem broker) bound to "
+                f"loopback; this one uses host {self.host!r}"
+                + ("" if self.embedded else " with an external database or broker")
+            )
+        return None
 
     @property
     def broker_folder(self) -> Path:

@@ -10,9 +10,12 @@ import torch
 from fastapi import FastAPI
 
 from service.api.errors import install_error_handlers
-from service.api.routes import datasets, events, health, queue, runs, sweeps
+from service.api.routes import batch_predictions, dashboard, datasets, events, health, keys, models, queue, runs, sweeps, v2
+from service.auth.service import DEFAULT_TENANT, KeyCache
 from service.config import Settings, get_settings
 from service.jobs.reconciler import ReconcilerThread
+from service.observability import http as observability
+from service.registry.serving import AliasRefresher, ServingAliases
 from service.runs.inference import ModelCache
 from service.tuning import tune_allocator
 
@@ -21,6 +24,9 @@ log = logging.getLogger(__name__)
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    refusal = settings.auth_problem()
+    if refusal is not None:
+        raise RuntimeError(refusal)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -29,10 +35,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.api_torch_threads > 0:
             torch.set_num_threads(settings.api_torch_threads)
         tune_allocator()  # MC calls reuse heap pages instead of faulting in fresh ones
+        if not settings.auth_enabled:
+            log.warning(
+                "auth is OFF (MCDROP_AUTH=off, embedded server on loopback): every caller is tenant %r",
+                DEFAULT_TENANT,
+            )
         background = ReconcilerThread(settings).start() if settings.reconcile_interval_s > 0 else None
+        # Follows alias moves: preloads each new target model, then switches (service/registry/serving.py).
+        refresher = AliasRefresher(app.state.model_aliases).start() if settings.registry_refresh_interval_s > 0 else None
         try:
             yield
         finally:
+            if refresher is not None:
+                refresher.stop()
             if background is not None:
                 background.stop()
 
@@ -44,7 +59,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.model_cache = ModelCache(settings.model_cache_size)
+    app.state.model_aliases = ServingAliases(settings, app.state.model_cache)
+    app.state.key_cache = KeyCache(settings.auth_cache_s)
     install_error_handlers(app)
-    for module in (health, datasets, runs, events, sweeps, queue):
+    observability.install(app, settings)  # X-Request-ID, request metrics, GET /metrics, CORS
+    for module in (health, keys, datasets, runs, events, sweeps, queue, dashboard, models, v2, batch_predictions):
         app.include_router(module.router)
     return app

@@ -20,14 +20,17 @@ from service.errors import (
     InvalidInput,
     NotFound,
     PayloadTooLarge,
+    Unauthenticated,
     Unavailable,
 )
+from service.observability.context import REQUEST_ID_HEADER, current_request_id
 
 log = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
 
 STATUS_BY_ERROR: list[tuple[type[DomainError], int]] = [
+    (Unauthenticated, 401),
     (NotFound, 404),
     (Conflict, 409),  # InvalidState is a Conflict
     (InvalidInput, 422),
@@ -40,6 +43,9 @@ def problem(
     request: Request, status: int, detail: str, *, errors: list[dict[str, Any]] | None = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
+    if request.url.path == "/v2" or request.url.path.startswith("/v2/"):
+        # The Open Inference Protocol (KServe V2) has its own error shape: {"error": "..."}.
+        return JSONResponse({"error": detail}, status_code=status, headers=headers)
     body: dict[str, Any] = {
         "type": "about:blank",
         "title": HTTPStatus(status).phrase,
@@ -71,6 +77,8 @@ def install_error_handlers(app: FastAPI) -> None:
         status = next((code for kind, code in STATUS_BY_ERROR if isinstance(exc, kind)), 400)
         retry_after = getattr(exc, "retry_after_s", None)
         headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+        if isinstance(exc, Unauthenticated):
+            headers = {"WWW-Authenticate": 'Bearer realm="mcdrop"'}
         return problem(request, status, exc.detail, errors=exc.errors, headers=headers)
 
     @app.exception_handler(RequestValidationError)
@@ -99,4 +107,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-        return problem(request, 500, "internal server error")
+        # Answered outside the middlewares (Starlette's ServerErrorMiddleware): add the request id here.
+        request_id = current_request_id()
+        return problem(request, 500, "internal server error",
+                       headers={REQUEST_ID_HEADER: request_id} if request_id else None)
