@@ -176,6 +176,22 @@ class Process:
         return self.popen.returncode
 
 
+def wait_until_ready(base: str, process: Process, timeout: float = 90) -> None:
+    """Polls ``base``/readyz until it answers 200; fails with the process's log if it exits or times out."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if process.popen.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"{base} did not become ready:\n{process.output()[-4000:]}")
+        time.sleep(0.2)
+
+
 def start_worker(settings: Settings, log_path: Path) -> Process:
     worker = Process([sys.executable, "-m", "service.cli", "worker"], settings_env(settings), log_path)
     worker.wait_for_output(" ready.", timeout=90)

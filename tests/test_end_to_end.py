@@ -19,7 +19,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.conftest import Process, free_port, wait_for_run
+from tests.conftest import Process, free_port, wait_for_run, wait_until_ready
 from tests.factories import TEXTBOOK_MODEL, TEXTBOOK_TRAINING
 
 DIGIT_ZERO = [0, 0, 5, 13, 9, 1, 0, 0, 0, 0, 13, 15, 10, 15, 5, 0, 0, 3, 15, 2, 0, 11, 8, 0, 0, 4, 12, 0,
@@ -87,16 +87,7 @@ def _start_embedded(
                 **(extra_env or {})})
     process = Process([sys.executable, "-m", "service.cli", "up"], env, tmp_path / log_name)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if process.popen.poll() is not None or time.monotonic() > deadline:
-            raise AssertionError(f"mcdrop up did not become ready:\n{process.output()[-4000:]}")
-        time.sleep(0.3)
+    wait_until_ready(base, process)
     process.wait_for_output(" ready.", timeout=90)  # the worker
     return process, base, data_dir
 

@@ -6,12 +6,13 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request, Response, UploadFile
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import CurrentTenant, PageDep, SessionDep, SettingsDep
+from service.api.uploads import read_limited
 from service.api.idempotency import IdempotencyKey, canonical, create_once
 from service.batch_predictions import service as batch_predictions
 from service.batch_predictions.schemas import (
@@ -75,16 +76,6 @@ def _body_errors(exc: ValidationError) -> list[dict[str, Any]]:
     return [{"loc": ["body", *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
 
 
-async def _read_limited(upload: UploadFile, limit: int) -> bytes:
-    chunks, size = [], 0
-    while chunk := await upload.read(1024 * 1024):
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"the uploaded file is larger than the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 async def _read_form(request: Request, settings: SettingsDep) -> tuple[BatchPredictionOptions, bytes, str, str | None]:
     form = await request.form(max_files=1, max_fields=len(FORM_FIELDS) + 4, max_part_size=settings.max_upload_bytes)
     upload = form.get("file")
@@ -118,7 +109,7 @@ async def _read_form(request: Request, settings: SettingsDep) -> tuple[BatchPred
             if error["loc"][1:2] == ["model"] and len(error["loc"]) > 2:
                 error["loc"] = ["body", f"model_{error['loc'][2]}", *error["loc"][3:]]
         raise InvalidInput("the upload form is not valid", errors=errors) from None
-    content = await _read_limited(upload, settings.max_upload_bytes)  # type: ignore[arg-type]
+    content = await read_limited(upload, settings.max_upload_bytes)  # type: ignore[arg-type]
     filename = getattr(upload, "filename", None) or "upload.csv"
     return options, content, filename, id_column.strip() if id_column is not None else None
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from fastapi import APIRouter, Request, UploadFile
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from pydantic import ValidationError
 
 from service.api.deps import CurrentTenant, PageDep, SessionDep, SettingsDep, ValidDataset
+from service.api.uploads import read_limited
 from service.api.idempotency import IdempotencyKey, canonical, create_once
 from service.jobs.idempotency import fingerprint
 from service.datasets import service as datasets
@@ -23,16 +24,6 @@ CSV_FORM_DOC = (
     "`file` (CSV with a header row), `name`, `target` (the target column's name) and `task` "
     "(`classification` or `regression`)."
 )
-
-
-async def _read_limited(upload: UploadFile, limit: int) -> bytes:
-    chunks, size = [], 0
-    while chunk := await upload.read(1024 * 1024):
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"the uploaded file is larger than the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 @router.post(
@@ -120,7 +111,7 @@ async def _read_form(request: Request, settings: SettingsDep) -> tuple[str, str,
     name = str(form["name"]).strip()
     if not 1 <= len(name) <= 200:
         raise InvalidInput("name must have 1 to 200 characters", errors=[{"loc": ["body", "name"], "msg": "bad length", "type": "string"}])
-    content = await _read_limited(upload, settings.max_upload_bytes)  # type: ignore[arg-type]
+    content = await read_limited(upload, settings.max_upload_bytes)  # type: ignore[arg-type]
     return name, str(form["target"]).strip(), task, content
 
 
