@@ -237,6 +237,11 @@ def test_sweep_from_the_form_to_its_heatmap(page: Any, api_server: str, tenant_k
     enter_key(page, tenant_key)
     page.locator("summary", has_text="New sweep").click()
     expect(page.locator("#sweep-dataset")).to_contain_text("diabetes")
+    diabetes = next(d for d in api.get("/v1/datasets").json()["items"] if d["name"] == "diabetes")
+    page.select_option("#sweep-dataset", diabetes["id"])
+    assert option_values(page, "#sweep-metric") == ["log_likelihood", "rmse"]
+    expect(page.locator("#sweep-grid-tau")).to_be_visible()
+    expect(page.locator("#sweep-grid-weight-decay")).to_be_hidden()
     page.fill("#sweep-hidden", "50")
     page.fill("#sweep-epochs", "20")
     page.fill("#sweep-grid-dropout", "0.01, 0.1")
@@ -262,7 +267,156 @@ def test_sweep_from_the_form_to_its_heatmap(page: Any, api_server: str, tenant_k
     assert number(best) == pytest.approx(max(by_cell.values()))
     expect(page.locator("#ranking-table tbody tr")).to_have_count(4)
     expect(page.locator("#sweep-test-table tbody tr")).to_have_count(2)
+    assert option_values(page, "#heatmap-metric") == ["log_likelihood", "rmse"]
+    assert option_values(page, "#heatmap-set") == ["validation"]
+    test = sweep["results"]["test"]
+    for key in ("rmse", "log_likelihood"):
+        assert number(page.locator(f"#sweep-test .metric[data-metric={key}] .value")) == pytest.approx(test[key]["mean"], rel=1e-12)
+    expect(page.locator("#sweep-test-compare")).to_have_count(0)  # no deterministic net in regression results
     screenshot(page, "sweep")
+
+
+def option_values(page: Any, select: str) -> list[str]:
+    return page.locator(f"{select} option").evaluate_all("options => options.map(o => o.value)")
+
+
+def test_classification_sweep_shows_its_own_metrics(page: Any, api_server: str, tenant_key: str) -> None:
+    """A classification sweep from the form: the form offers classification's ranking metrics and
+    fields; the heatmap, ranking and test panel show accuracy, NLL, Brier, ECE (MC dropout beside
+    the deterministic net) on validation, training and test rows and their gap, as the API has them."""
+    api = httpx.Client(base_url=api_server, headers={"Authorization": f"Bearer {tenant_key}"}, timeout=30)
+    created = api.post("/v1/datasets", json={"name": "iris-sweep", "builtin": "iris"})
+    assert created.status_code == 201, created.text
+    iris = created.json()
+    assert iris["task"] == "classification"
+
+    page.goto(f"{api_server}/dashboard/#/sweeps")
+    enter_key(page, tenant_key)
+    page.locator("summary", has_text="New sweep").click()
+    expect(page.locator("#sweep-dataset")).to_contain_text("iris-sweep (classification")
+    page.select_option("#sweep-dataset", iris["id"])
+    assert option_values(page, "#sweep-metric") == ["nll", "accuracy", "brier"]
+    expect(page.locator("#sweep-grid-tau")).to_be_hidden()
+    expect(page.locator("#sweep-lengthscale")).to_be_hidden()
+    expect(page.locator("#sweep-grid-weight-decay")).to_be_visible()
+    expect(page.locator("#sweep-grid-dropout")).to_have_value("0.1, 0.3, 0.5")  # classification's defaults
+    expect(page.locator("#sweep-tie")).not_to_be_checked()
+    page.fill("#sweep-hidden", "16")
+    page.fill("#sweep-epochs", "15")
+    page.fill("#sweep-batch", "16")
+    page.fill("#sweep-learning-rate", "0.01")
+    page.fill("#sweep-grid-dropout", "0.1, 0.3")
+    page.fill("#sweep-grid-weight-decay", "0, 0.001")
+    page.fill("#sweep-folds", "2")
+    page.select_option("#sweep-metric", "accuracy")
+    page.check("#sweep-test-every")
+    page.fill("#sweep-search-samples", "20")
+    page.fill("#sweep-test-samples", "30")
+    screenshot(page, "sweep-form-classification")
+    page.click("#sweep-submit")
+
+    cells = page.locator("#heatmap-table td.cell")
+    expect(cells).to_have_count(4, timeout=90_000)
+    expect(page.locator("#sweep-status")).to_have_text("succeeded")
+    sweep_id = page.url.rsplit("/", 1)[-1]
+    sweep = api.get(f"/v1/sweeps/{sweep_id}").json()
+    assert sweep["spec"]["metric"] == "accuracy" and sweep["spec"]["grid"] == {**sweep["spec"]["grid"], "dropout": [0.1, 0.3], "weight_decay": [0.0, 0.001]}
+    assert sweep["spec"]["model"].get("tau") is None and sweep["spec"]["training"]["learning_rate"] == 0.01
+    ranking = sweep["results"]["ranking"]
+    expect(page.locator("#sweep-summary")).to_contain_text("ranked by validation accuracy")
+
+    def heatmap_matches(part: str, metric: str, best: Any) -> None:
+        expect(page.locator(f"#heatmap-table[data-set={part}][data-metric={metric}]")).to_have_count(1)
+        by_cell = {(e["configuration"]["dropout"], e["configuration"]["weight_decay"]): e[part][metric]["mean"] for e in ranking}
+        for cell in cells.all():
+            key = (float(cell.get_attribute("data-x")), float(cell.get_attribute("data-y")))
+            assert number(cell) == pytest.approx(by_cell[key], rel=1e-12), (part, metric, key)
+        outlined = page.locator("#heatmap-table td.cell.best").all()  # accuracies can tie
+        assert outlined and all(number(cell) == pytest.approx(best(by_cell.values())) for cell in outlined)
+
+    # The heatmap opens on the ranking metric; it offers every metric the results hold, on every row set.
+    heatmap_matches("validation", "accuracy", max)
+    assert option_values(page, "#heatmap-set") == ["validation", "train", "gap", "test"]
+    metrics = option_values(page, "#heatmap-metric")
+    assert metrics[:4] == ["accuracy", "deterministic_accuracy", "nll", "deterministic_nll"]
+    assert set(metrics) == set(ranking[0]["validation"])
+    page.select_option("#heatmap-metric", "nll")
+    heatmap_matches("validation", "nll", min)  # lower is better
+    page.select_option("#heatmap-set", "gap")
+    heatmap_matches("gap", "nll", lambda gaps: min(gaps, key=abs))  # the smallest gap
+    page.select_option("#heatmap-set", "test")
+    heatmap_matches("test", "nll", min)
+
+    # The ranking: best first by validation accuracy, the NLL gap beside; training rows and the deterministic net on demand.
+    rows = page.locator("#ranking-table tbody tr")
+    expect(rows).to_have_count(4)
+    headers = page.locator("#ranking-table thead th[data-metric]").evaluate_all("cells => cells.map(c => c.dataset.metric)")
+    assert headers[:4] == ["accuracy", "nll", "brier", "ece"] and headers[-1] == "gap:accuracy"
+    for row, entry in zip(rows.all(), ranking):
+        assert row.get_attribute("data-configuration") == str(entry["configuration"]["index"])
+        assert number(row.locator("td[data-metric=accuracy]")) == pytest.approx(entry["validation"]["accuracy"]["mean"], rel=1e-12)
+        assert number(row.locator("td[data-metric=ece]")) == pytest.approx(entry["validation"]["ece"]["mean"], rel=1e-12)
+        assert number(row.locator("td[data-metric='gap:accuracy']")) == pytest.approx(entry["gap"]["accuracy"]["mean"], rel=1e-12)
+    page.select_option("#ranking-set", "train")
+    page.select_option("#ranking-net", "deterministic")
+    expect(page.locator("#ranking-table[data-set=train][data-net=deterministic]")).to_have_count(1)
+    assert number(rows.first.locator("td[data-metric=deterministic_nll]")) == pytest.approx(ranking[0]["train"]["deterministic_nll"]["mean"], rel=1e-12)
+
+    # The retrained best per split, tested: MC dropout beside the deterministic net.
+    test = sweep["results"]["test"]
+    for key in ("accuracy", "nll", "brier", "ece"):
+        assert number(page.locator(f"#sweep-test .metric[data-metric={key}] .value")) == pytest.approx(test[key]["mean"], rel=1e-12)
+        row = page.locator(f"#sweep-test-compare tr[data-metric={key}]")
+        assert number(row.locator("[data-side=mc]")) == pytest.approx(test[key]["mean"], rel=1e-12)
+        assert number(row.locator("[data-side=deterministic]")) == pytest.approx(test[f"deterministic_{key}"]["mean"], rel=1e-12)
+    expect(page.locator("#sweep-test-table tbody tr")).to_have_count(2)
+    split = page.locator("#sweep-test-table tbody tr").first
+    assert number(split.locator("td[data-metric=deterministic_accuracy]")) == pytest.approx(test["per_split"][0]["deterministic_accuracy"], rel=1e-12)
+    page.select_option("#heatmap-set", "validation")
+    page.select_option("#heatmap-metric", "accuracy")
+    page.select_option("#ranking-set", "validation")
+    page.select_option("#ranking-net", "mc")
+    screenshot(page, "sweep-classification")
+
+
+# Results with keys missing here and there, as older or partial sweeps may have them.
+PARTIAL_SWEEPS = [
+    {"spec": {}, "results": {}},
+    {"spec": {"grid": {"dropout": [0.1, 0.2]}, "metric": "nll"}, "results": {"metric": "nll", "ranking": [
+        {"configuration": {"index": 0, "dropout": 0.1}, "validation": {"nll": {"mean": 0.5, "se": None}, "accuracy": {"mean": None, "se": None}}},
+        {"configuration": {"index": 1, "dropout": 0.2}, "validation": {}},
+        {"validation": {"nll": None, "brier": {"mean": 0.1}}, "gap": {"nll": {"mean": -0.2, "se": 0.1}}},
+        None,
+    ], "test": {"accuracy": {"mean": 0.9, "se": None}, "deterministic_nll": {"mean": 0.3, "se": 0.01}, "samples": 10,
+                "per_split": [{"split": 0, "configuration": 7}, {}]}}},
+    {"spec": {"grid": {"tau": [0.1]}}, "results": {"metric": "rmse", "ranking": [{"configuration": {"index": 0, "tau": 0.1}}], "test": {"per_split": None}}},
+    {"spec": {"grid": {"hidden_layers": [[8], [8, 8]]}}, "results": {"ranking": [
+        {"configuration": {"index": 0, "hidden_layers": [8]}, "validation": {"some_new_score": {"mean": 1.0, "se": 0.1}}},
+        {"configuration": {"index": 1, "hidden_layers": [8, 8]}, "validation": {"some_new_score": {"mean": 2.0, "se": 0.1}}}]}},
+]
+
+
+def test_sweep_results_with_missing_keys_render(page: Any, api_server: str) -> None:
+    """The results view draws whatever part of the results is there, and never throws."""
+    page.goto(f"{api_server}/dashboard/")
+    drawn = page.evaluate(
+        """async (sweeps) => {
+            const { resultSections } = await import("/dashboard/js/pages/sweeps.js");
+            return sweeps.map((sweep) => {
+                const root = document.createElement("div");
+                for (const task of ["classification", "regression", undefined]) root.append(...resultSections(structuredClone(sweep), task));
+                return { cells: [...root.querySelectorAll("#heatmap-table td.cell")].map((c) => c.dataset.value ?? null),
+                         rows: root.querySelectorAll("#ranking-table tbody tr").length, text: root.textContent };
+            });
+        }""",
+        PARTIAL_SWEEPS,
+    )
+    assert [d["rows"] for d in drawn] == [0, 3 * 3, 3 * 1, 3 * 2]
+    assert "No configurations" in drawn[0]["text"]
+    assert drawn[1]["cells"][:2] == ["0.5", None] and "Test accuracy" in drawn[1]["text"]
+    assert "The results hold no metric" in drawn[2]["text"]
+    assert drawn[3]["cells"][:2] == ["1", "2"] and "some new score" in drawn[3]["text"]
+    assert all("undefined" not in d["text"] and "NaN" not in d["text"] for d in drawn)
 
 
 STREAM = ('retry: 1500\r\n: a comment\r\nid: 7\r\nevent: epoch\r\ndata: {"a":\r\ndata: 1}\r\n\r\n'
