@@ -12,18 +12,24 @@ Failure policy:
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
+from service.batch_predictions import execution as batch_execution
+from service.batch_predictions import repository as batch_repository
+from service.batch_predictions import service as batch_predictions
 from service.config import Settings
 from service.datasets import service as datasets
 from service.db import session_scope, utcnow
 from service.jobs import reconciler, webhooks
 from service.jobs.transient import is_transient, retry_transient
-from service.ml.training import EpochMetrics, NonFiniteLossError, TrainingCancelled, TrainingError
+from service.ml.training import EpochMetrics, NonFiniteLossError, Trainer, TrainingCancelled, TrainingError
 from service.runs import checkpoints, lifecycle, repository
 from service.runs.modelling import prepare_training
 from service.runs.models import RunStatus
@@ -46,6 +52,41 @@ def choose_device(settings: Settings, requested: str | None) -> str:
     return "cpu"
 
 
+def warm_up(device: str = "cpu") -> None:
+    """Pay a fresh worker process's one-time costs before it takes its first run.
+
+    The first run in a process would otherwise carry them in its started_at → finished_at:
+    above all the first ``torch.optim`` optimiser, which imports ``torch._dynamo`` (~1 s here),
+    and the first use of each torch op, checkpoint, evaluation and weights code path. So the
+    worker trains a tiny classifier and a tiny regression net through the same code a run uses
+    (two epochs each, a checkpoint, the MC evaluation, the weights), touching no database and
+    leaving torch's global RNG as it found it.
+    """
+    import numpy as np
+
+    from service.ml.data import Dataset
+
+    started = time.perf_counter()
+    features = np.linspace(-1.0, 1.0, 48 * 4, dtype=np.float32).reshape(48, 4)
+    for task, target in (("classification", (np.arange(48) % 3).astype(np.int64)),
+                         ("regression", features.sum(axis=1))):
+        dataset = Dataset(features=features, target=target, task=task, feature_names=["a", "b", "c", "d"],
+                          class_names=["0", "1", "2"] if task == "classification" else None, target_name="y")
+        spec = RunCreate.model_validate({
+            "dataset_id": str(uuid.UUID(int=0)), "model": {"hidden_layers": [8], "dropout": 0.5},
+            "training": {"epochs": 2, "batch_size": 16, "seed": 0, "validation_fraction": 0.25},
+            "evaluation": {"samples": 4},
+        })
+        with torch.random.fork_rng(devices=[]):
+            job = prepare_training(dataset, spec, device=device)
+            job.fit()
+            checkpoints.deserialize(checkpoints.serialize(job.trainer.state_dict()), device)
+            model = job.finish()
+            job.evaluate(spec.evaluation.samples, seed=0)
+            model.weights_blob()
+    log.info("worker warmed up in %.2f s", time.perf_counter() - started)
+
+
 def train_run(
     run_id: uuid.UUID, settings: Settings, daemon: WorkerDaemon,
     should_stop: Callable[[], bool] = lambda: False,
@@ -58,7 +99,9 @@ def train_run(
         if claimed is None:
             return
         kind, spec_data, dataset, checkpoint_blob, device = claimed
-        if kind == "sweep":
+        if kind == batch_predictions.KIND:
+            _batch_predict(settings, run_id, attempt, device, should_stop)
+        elif kind == "sweep":
             _sweep(settings, run_id, attempt, spec_data, dataset, checkpoint_blob, should_stop)
         else:
             spec = RunCreate.model_validate(spec_data)
@@ -92,10 +135,51 @@ def _claim(settings: Settings, run_id: uuid.UUID, attempt: Attempt, daemon: Work
             log.info("run %s is held by another worker (or not claimable); nothing to do", run_id)
             return None
         session.commit()
-        dataset = datasets.load_arrays(session, row.dataset_id)
+        # a batch prediction reads its own input (_batch_predict)
+        dataset = datasets.load_arrays(session, row.dataset_id) if row.kind != batch_predictions.KIND else None
         stored = repository.checkpoint(session, run_id)
         return (row.kind, {**spec_data, "dataset_id": row.dataset_id}, dataset,
                 stored.state if stored is not None else None, device)
+
+
+def _batch_predict(settings: Settings, run_id: uuid.UUID, attempt: Attempt, device: str, should_stop) -> None:
+    """A batch prediction: predict its chunks in order, each stored with the job's progress in
+    one fenced transaction; resumed (after a shutdown, a lost lease, a killed worker) from the
+    chunks already stored, which are never predicted again."""
+    url, budget = settings.sqlalchemy_url, settings.transient_retry_s
+
+    def stop_requested() -> bool:
+        return should_stop() or attempt.lost.is_set() or attempt.cancel_requested.is_set()
+
+    def load() -> tuple[batch_execution.PreparedJob, dict[int, int]]:
+        with session_scope(url) as session:
+            return batch_predictions.prepare(session, run_id, device)
+
+    def work() -> None:
+        job, done = retry_transient(load, budget_s=budget, what=f"load batch prediction {run_id}")
+        if done:
+            log.info("batch prediction %s resumes after %d of %d chunks", run_id, len(done), job.n_chunks)
+        log.info("batch prediction %s: %d rows in %d chunks on %s", run_id, job.rows.n_rows, job.n_chunks, device)
+
+        def save(chunk: int, rows: int, data: bytes) -> None:
+            def write() -> bool:
+                with session_scope(url) as session:
+                    return batch_repository.record_chunk(session, run_id, attempt.owner, chunk=chunk, rows=rows,
+                                                         data=data, chunks_total=job.n_chunks)
+
+            if retry_transient(write, budget_s=budget, what=f"store chunk {chunk} of batch prediction {run_id}"):
+                attempt.cancel_requested.set()
+
+        batch_execution.run(job, done=done, save=save, should_stop=stop_requested)
+
+        def store() -> None:
+            with session_scope(url) as session:
+                batch_repository.succeed(session, run_id, attempt.owner, batch_predictions.results_summary(job))
+
+        retry_transient(store, budget_s=budget, what=f"finish batch prediction {run_id}")
+        log.info("batch prediction %s succeeded", run_id)
+
+    _finish(settings, run_id, attempt, device, work, should_stop)
 
 
 def _sweep(settings, run_id, attempt: Attempt, spec_data: dict, dataset, checkpoint_blob, should_stop) -> None:
@@ -134,7 +218,12 @@ def _sweep(settings, run_id, attempt: Attempt, spec_data: dict, dataset, checkpo
 
 
 def _train(settings, run_id, attempt: Attempt, spec: RunCreate, dataset, checkpoint_blob, device, should_stop) -> None:
-    """A run: train (from the last checkpoint), record every epoch, evaluate, store the weights."""
+    """A run: train (from the last checkpoint), record every epoch, evaluate, store the weights.
+
+    Finished epochs are written in batches (``_EpochRecorder``): their metrics, events,
+    epochs_done and a checkpoint in one transaction at most every ``checkpoint_interval_s``
+    and after the last epoch, so short epochs do not each pay a checkpoint and a commit.
+    """
     url, budget = settings.sqlalchemy_url, settings.transient_retry_s
 
     def stop_requested() -> bool:
@@ -142,22 +231,26 @@ def _train(settings, run_id, attempt: Attempt, spec: RunCreate, dataset, checkpo
 
     def work() -> None:
         job = prepare_training(dataset, spec, device=device)
-
-        def record(metrics: EpochMetrics) -> None:
-            blob = checkpoints.serialize(job.trainer.state_dict())
-
-            def write() -> bool:
-                with session_scope(url) as session:
-                    return repository.record_epoch(session, run_id, attempt.owner, metrics.to_dict(), blob)
-
-            if retry_transient(write, budget_s=budget, what=f"record epoch {metrics.epoch} of run {run_id}"):
-                attempt.cancel_requested.set()
-
         if checkpoint_blob is not None:
             job.trainer.load_state_dict(checkpoints.deserialize(checkpoint_blob, device))
             log.info("run %s resumes after epoch %d", run_id, job.trainer.epochs_done)
+        recorder = _EpochRecorder(settings, run_id, attempt, job.trainer)
         log.info("training run %s on %s (epochs %d..%d)", run_id, device, job.trainer.epochs_done + 1, spec.training.epochs)
-        job.fit(on_epoch=record, should_stop=stop_requested)
+        try:
+            job.fit(on_epoch=recorder.add, should_stop=stop_requested)
+        except TrainingCancelled as exc:
+            if attempt.cancel_requested.is_set() and not attempt.lost.is_set():
+                recorder.flush(checkpoint=False)  # it ends cancelled: keep the metrics so far
+            elif not attempt.lost.is_set() and not exc.mid_epoch:
+                recorder.flush()  # back to the queue from an epoch boundary: nothing is trained twice
+            elif recorder.pending:  # mid-epoch: resumed from the last checkpoint
+                log.info("run %s: %d epoch(s) after the last checkpoint will be trained again",
+                         run_id, len(recorder.pending))
+            raise
+        except (TrainingError, ValueError, MemoryError, torch.cuda.OutOfMemoryError):
+            with contextlib.suppress(Exception):  # it ends failed: keep the metrics so far
+                recorder.flush(checkpoint=False)
+            raise
         model = job.finish()
         evaluation = job.evaluate(spec.evaluation.samples, seed=spec.training.seed or 0)
 
@@ -171,6 +264,56 @@ def _train(settings, run_id, attempt: Attempt, spec: RunCreate, dataset, checkpo
         log.info("run %s succeeded", run_id)
 
     _finish(settings, run_id, attempt, device, work, should_stop)
+
+
+class _EpochRecorder:
+    """Buffers a run's finished epochs and writes them with a checkpoint (repository.record_epochs)
+    at most every ``checkpoint_interval_s`` seconds, and always after the last epoch.
+
+    What this keeps: every epoch's metrics row and event are written, in order, before the run
+    succeeds, and while it runs the rows are exactly the epochs up to its checkpoint. So a run
+    killed at any moment (SIGKILL included) resumes from the checkpoint and trains the lost
+    epochs again bit for bit (an epoch's result depends only on the weights, the optimiser
+    state, the seed and its number), writing their rows then. A run that ends cancelled or
+    failed gets the rows of its unwritten epochs without a checkpoint (the metrics so far are
+    kept); a worker shutting down between epochs writes them with one. What it costs: a kill
+    loses at most the interval's worth of training, and live progress (epochs_done, SSE epoch
+    events) arrives in batches when epochs are shorter than the interval. A cancel request is
+    still seen within about the interval (each write returns the flag, and the daemon's lease
+    renewal reads it), and a lost lease stops the writes (each is fenced by the lease owner).
+    """
+
+    def __init__(self, settings: Settings, run_id: uuid.UUID, attempt: Attempt, trainer: Trainer) -> None:
+        self.url, self.budget = settings.sqlalchemy_url, settings.transient_retry_s
+        self.interval_s = settings.checkpoint_interval_s
+        self.run_id, self.attempt, self.trainer = run_id, attempt, trainer
+        self.pending: list[dict[str, Any]] = []
+        self.written_at = time.monotonic()
+
+    def add(self, metrics: EpochMetrics) -> None:
+        self.pending.append(metrics.to_dict())
+        last = metrics.epoch >= self.trainer.config.epochs
+        if last or time.monotonic() - self.written_at >= self.interval_s:
+            self.flush()
+
+    def flush(self, checkpoint: bool = True) -> None:
+        """Write the pending epochs (with a checkpoint of the trainer as it is now: call it only at
+        an epoch boundary, or with ``checkpoint=False`` for a run that is about to end)."""
+        if not self.pending:
+            return
+        epochs = list(self.pending)
+        blob = checkpoints.serialize(self.trainer.state_dict()) if checkpoint else None
+
+        def write() -> bool:
+            with session_scope(self.url) as session:
+                return repository.record_epochs(session, self.run_id, self.attempt.owner, epochs, blob)
+
+        first, last = epochs[0]["epoch"], epochs[-1]["epoch"]
+        cancel = retry_transient(write, budget_s=self.budget, what=f"record epochs {first}..{last} of run {self.run_id}")
+        self.pending.clear()
+        self.written_at = time.monotonic()
+        if cancel:
+            self.attempt.cancel_requested.set()
 
 
 def _finish(settings: Settings, run_id: uuid.UUID, attempt: Attempt, device: str,

@@ -340,17 +340,25 @@ def summarize_classification(logit_samples: Tensor) -> ClassificationPrediction:
     """Summarise logits ``[T, B, C]`` (computed in float64, 0 log 0 = 0)."""
     if logit_samples.ndim != 3:
         raise ValueError(f"logit samples must have shape [T, B, C], got {tuple(logit_samples.shape)}")
-    log_probabilities = torch.log_softmax(logit_samples.detach().to(torch.float64), dim=-1)
-    probabilities = log_probabilities.exp()
+    # The log-softmax spelled out (one exp, shared with the probabilities): for T = 100 and a
+    # few classes torch's log_softmax over the short last dim, and std over the samples, were
+    # most of a served prediction's CPU time (~3x and ~7x these elementwise steps here).
+    shifted = logit_samples.detach().to(torch.float64)
+    shifted = shifted - shifted.amax(dim=-1, keepdim=True)  # <= 0, max 0: exp cannot overflow
+    exponentials = shifted.exp()
+    normaliser = exponentials.sum(dim=-1, keepdim=True)  # in [1, C]
+    probabilities = exponentials.div_(normaliser)
+    log_probabilities = shifted.sub_(normaliser.log_())  # finite, so p log p = 0 where p underflows
     mean = probabilities.mean(dim=0)
     predictive_entropy = -torch.xlogy(mean, mean).sum(dim=-1)
-    # p * log p with a finite log p: exactly 0 where p underflows to 0.
     expected_entropy = -(probabilities * log_probabilities).sum(dim=-1).mean(dim=0)
     # Jensen: the difference is >= 0, so a negative value is round-off only.
     mutual_information = (predictive_entropy - expected_entropy).clamp(min=0.0)
+    # Population std over the samples: sqrt(mean((p - mean)^2)), two passes as torch.std.
+    probabilities_std = (probabilities - mean).square_().mean(dim=0).sqrt_()
     return ClassificationPrediction(
         probabilities=mean.cpu().numpy(),
-        probabilities_std=probabilities.std(dim=0, correction=0).cpu().numpy(),
+        probabilities_std=probabilities_std.cpu().numpy(),
         label=mean.argmax(dim=-1).cpu().numpy(),
         predictive_entropy=predictive_entropy.cpu().numpy(),
         expected_entropy=expected_entropy.cpu().numpy(),

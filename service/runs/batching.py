@@ -22,8 +22,16 @@ answered from shared forwards:
   ``wait_ms`` after its first request (less once it holds ``max_inputs`` rows) and then runs
   as soon as the compute thread is free; meanwhile further requests for the same model join
   it. A group never exceeds ``max_inputs`` rows, except that a single request is never split.
-- **Off the event loop**: all sampling runs in the compute thread or the threadpool; the
-  event loop only queues requests and receives results.
+- **Where a batch runs**: a small batch (at most ``inline_max_macs`` multiply-adds: for the
+  README's digits classifier at T = 100, up to ~70 rows, ~1-2 ms here) is computed on the
+  requests' event loop, handed there by the compute thread, which waits for it, so that the
+  batcher stays busy meanwhile and requests keep gathering; a larger one runs in the compute
+  thread, off the event loop. Why: every torch op releases and re-takes the GIL, so a forward
+  of ~40 small ops in a second thread fights the event loop for the GIL ~80 times; measured
+  at 64 concurrent requests on 2 cores, that cost ~100-150 µs of CPU per request (both threads
+  together) against a loop-computed batch — more than the overlap gained. A large batch (or
+  model) is worth the fight, and must not stall the loop for long. Seeded and oversized
+  requests run alone in the threadpool.
 
 One compute thread is enough for CPU serving: torch runs with ``api_torch_threads`` intra-op
 threads (1 by default), and more compute threads would only contend for the GIL with the
@@ -49,6 +57,10 @@ from service.runs.modelling import TrainedModel
 
 Prediction = dict[str, Any]
 
+# At most this many multiply-adds (rows x samples x the net's weights) are computed on the event
+# loop: ~1-2 ms of one core here, about what parsing a few dozen requests costs anyway.
+INLINE_MAX_MACS = 64e6
+
 
 @dataclass
 class BatchingStats:
@@ -58,6 +70,7 @@ class BatchingStats:
     forward_calls: int = 0  # TrainedModel.predict calls (each one sample_outputs call)
     merged_requests: int = 0  # requests answered from a forward shared with other requests
     largest_batch: int = 0  # most requests answered from one forward
+    forwards_on_loop: int = 0  # of the merged forwards, those computed on the event loop (small batches)
     compute_torch_threads: int | None = None  # torch.get_num_threads() seen by the compute thread
 
 
@@ -81,11 +94,12 @@ class PredictBatcher:
     """Merges concurrent unseeded predictions for one model into one forward (see the module)."""
 
     def __init__(self, *, enabled: bool = True, wait_ms: float = 2.0, max_inputs: int = 256,
-                 idle_exit_s: float = 30.0) -> None:
+                 idle_exit_s: float = 30.0, inline_max_macs: float = INLINE_MAX_MACS) -> None:
         self.enabled = enabled
         self.wait_s = max(0.0, wait_ms) / 1000.0
         self.max_inputs = max(1, max_inputs)
         self.idle_exit_s = idle_exit_s
+        self.inline_max_macs = inline_max_macs
         self.stats = BatchingStats()
         self._groups: dict[Hashable, _Group] = {}
         self._busy = False
@@ -105,9 +119,9 @@ class PredictBatcher:
     ) -> list[Prediction]:
         """``model.predict(features, samples, seed)``, possibly sharing its forward with other
         requests of the same ``key`` (which must identify the model; samples are added to it)."""
-        with self._condition:
-            self.stats.requests += 1
         if not self.enabled or seed is not None or len(features) >= self.max_inputs:
+            with self._condition:
+                self.stats.requests += 1
             return await anyio.to_thread.run_sync(self._alone, model, features, samples, seed)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[Prediction]] = loop.create_future()
@@ -125,6 +139,7 @@ class PredictBatcher:
     # -- the event loop's side ----------------------------------------------------------
     def _submit(self, key: Hashable, model: TrainedModel, samples: int, pending: _Pending) -> None:
         with self._condition:
+            self.stats.requests += 1
             now = time.monotonic()
             group = self._groups.get(key)
             if group is None:
@@ -180,17 +195,10 @@ class PredictBatcher:
         try:
             while (taken := self._next_batch()) is not None:
                 group, batch = taken
-                try:
-                    features = batch[0].features if len(batch) == 1 else np.concatenate([p.features for p in batch])
-                    outcome: list[Prediction] | BaseException = group.model.predict(features, group.samples, None)
-                except Exception as exc:  # every request of the batch gets the error
-                    outcome = exc
-                with self._condition:
-                    self._busy = False
-                    self.stats.forward_calls += 1
-                    self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
-                    if len(batch) > 1:
-                        self.stats.merged_requests += len(batch)
+                if self._on_loop(group, batch):
+                    continue
+                outcome = _compute(group, batch)
+                self._done(batch, on_loop=False)
                 _deliver(batch, outcome)
         finally:  # also if this thread dies: the next request starts a new one
             with self._condition:
@@ -198,18 +206,82 @@ class PredictBatcher:
                 if self._worker is threading.current_thread():
                     self._worker = None
 
+    def _done(self, batch: list[_Pending], *, on_loop: bool) -> None:
+        with self._condition:
+            self._busy = False
+            self.stats.forward_calls += 1
+            self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+            if len(batch) > 1:
+                self.stats.merged_requests += len(batch)
+            if on_loop:
+                self.stats.forwards_on_loop += 1
 
-def _deliver(batch: list[_Pending], outcome: list[Prediction] | BaseException) -> None:
-    """Hand each request its rows of the outcome (or the error), on its own event loop."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]] = {}
+    def _on_loop(self, group: _Group, batch: list[_Pending]) -> bool:
+        """In the compute thread: have a small batch computed on its requests' event loop, and
+        wait until it has been (the batcher stays busy, so new requests keep gathering). False
+        (compute it here) for a large batch, or requests from several loops, or a closed loop."""
+        loop = batch[0].loop
+        rows = sum(len(pending.features) for pending in batch)
+        if (rows * group.samples * _macs_per_row_sample(group.model) > self.inline_max_macs
+                or any(pending.loop is not loop for pending in batch)):
+            return False
+        computed = threading.Event()
+
+        def compute() -> None:  # on the loop
+            try:
+                outcome = _compute(group, batch)
+                self._done(batch, on_loop=True)
+                _resolve(_parts(batch, outcome))
+            finally:
+                computed.set()
+
+        try:
+            loop.call_soon_threadsafe(compute)
+        except RuntimeError:  # the loop is closed
+            return False
+        while not computed.wait(timeout=1.0):
+            if loop.is_closed():  # it stopped before computing: nobody waits for these any more
+                break
+        with self._condition:  # (already so, unless the loop never ran it)
+            self._busy = False
+        return True
+
+
+def _macs_per_row_sample(model: TrainedModel) -> int:
+    """Multiply-adds of one forward pass of one row: the weights of its Linear layers."""
+    network = model.network
+    widths = [network.n_inputs, *network.hidden_layers, network.n_outputs]
+    return sum(a * b for a, b in zip(widths, widths[1:]))
+
+
+def _compute(group: _Group, batch: list[_Pending]) -> list[Prediction] | BaseException:
+    """One forward for the batch's rows; an exception is every request's answer."""
+    try:
+        features = batch[0].features if len(batch) == 1 else np.concatenate([p.features for p in batch])
+        return group.model.predict(features, group.samples, None)
+    except Exception as exc:
+        return exc
+
+
+def _parts(batch: list[_Pending], outcome: list[Prediction] | BaseException) -> list[tuple[asyncio.Future[Any], Any]]:
+    """Each request's future with its rows of the outcome (or the error)."""
+    parts: list[tuple[asyncio.Future[Any], Any]] = []
     start = 0
     for pending in batch:
         if isinstance(outcome, BaseException):
-            part: Any = outcome
+            parts.append((pending.future, outcome))
         else:
-            part = outcome[start : start + len(pending.features)]
+            parts.append((pending.future, outcome[start : start + len(pending.features)]))
             start += len(pending.features)
-        by_loop.setdefault(pending.loop, []).append((pending.future, part))
+    return parts
+
+
+def _deliver(batch: list[_Pending], outcome: list[Prediction] | BaseException) -> None:
+    """From the compute thread: hand each request its rows of the outcome (or the error), on
+    its own event loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]] = {}
+    for pending, part in zip(batch, _parts(batch, outcome)):
+        by_loop.setdefault(pending.loop, []).append(part)
     for loop, items in by_loop.items():
         try:
             loop.call_soon_threadsafe(_resolve, items)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -65,34 +65,72 @@ def record_epoch(
 
     Returns whether cancellation has been requested.
     """
-    epoch = values["epoch"] if values is not None else epoch
+    if values is not None:
+        return record_epochs(session, run_id, owner, [values], checkpoint_blob)
     assert epoch is not None
-    now = utcnow()
+    row = _hold(session, run_id, owner, epoch)
+    lifecycle.add_event(session, run_id, "epoch", RunStatus.RUNNING,
+                        {"epoch": epoch, **(event or {}), "epochs_total": row.epochs_total})
+    _put_checkpoint(session, run_id, epoch, checkpoint_blob)
+    cancel = bool(row.cancel_requested)
+    session.commit()
+    return cancel
+
+
+def record_epochs(
+    session: Session, run_id: uuid.UUID, owner: str, epochs: list[dict[str, Any]], checkpoint_blob: bytes | None,
+) -> bool:
+    """One transaction for a training run's finished epochs (in order, at least one): a metrics
+    row and an ``epoch`` event each, epochs_done = the last one, and with ``checkpoint_blob`` the
+    checkpoint taken after it — fenced by the lease owner, so a worker that lost its lease writes
+    nothing.
+
+    The worker calls it at most every ``checkpoint_interval_s`` with the epochs since the last
+    call, so the metrics rows are the epochs up to the checkpoint, and a run resumed from it
+    writes the next epochs' rows. Without a checkpoint (for a run about to end cancelled or
+    failed) the rows may go past it; rows of these epochs already there (from such a write,
+    had the run been resumed all the same) are replaced, never duplicated.
+
+    Returns whether cancellation has been requested.
+    """
+    assert epochs, "at least one epoch"
+    last = epochs[-1]["epoch"]
+    row = _hold(session, run_id, owner, last)
+    session.execute(delete(RunMetricRow).where(RunMetricRow.run_id == run_id, RunMetricRow.epoch >= epochs[0]["epoch"]))
+    session.add_all([RunMetricRow(run_id=run_id, **values) for values in epochs])
+    for values in epochs:
+        lifecycle.add_event(session, run_id, "epoch", RunStatus.RUNNING, {**values, "epochs_total": row.epochs_total})
+    if checkpoint_blob is not None:
+        _put_checkpoint(session, run_id, last, checkpoint_blob)
+    cancel = bool(row.cancel_requested)
+    session.commit()
+    return cancel
+
+
+def _hold(session: Session, run_id: uuid.UUID, owner: str, epoch: int) -> RunRow:
+    """Set epochs_done if ``owner`` still holds the running run (which also locks its row, so
+    its events get ids in commit order); the run row. Raises LeaseLost (rolled back) if not."""
     held = session.execute(
         update(RunRow)
         .where(RunRow.id == run_id, RunRow.lease_owner == owner, RunRow.status == RunStatus.RUNNING)
-        .values(epochs_done=epoch, updated_at=now)
+        .values(epochs_done=epoch, updated_at=utcnow())
     ).rowcount == 1
     if not held:
         session.rollback()
         raise LeaseLost(f"run {run_id}: lease lost before epoch {epoch} was recorded")
-    if values is not None:
-        session.add(RunMetricRow(run_id=run_id, **values))
     row = session.get(RunRow, run_id)
     assert row is not None
-    lifecycle.add_event(session, run_id, "epoch", RunStatus.RUNNING,
-                        {**(values or {"epoch": epoch}), **(event or {}), "epochs_total": row.epochs_total})
-    checkpoint_values = {"run_id": run_id, "epoch": epoch, "state": checkpoint_blob,
-                         "size_bytes": len(checkpoint_blob), "updated_at": now}
+    return row
+
+
+def _put_checkpoint(session: Session, run_id: uuid.UUID, epoch: int, blob: bytes) -> None:
+    values = {"run_id": run_id, "epoch": epoch, "state": blob, "size_bytes": len(blob), "updated_at": utcnow()}
     insert = pg_insert if session.bind.dialect.name == "postgresql" else sqlite_insert  # type: ignore[union-attr]
-    statement = insert(RunCheckpointRow).values(**checkpoint_values)
+    statement = insert(RunCheckpointRow).values(**values)
     session.execute(statement.on_conflict_do_update(
         index_elements=[RunCheckpointRow.run_id],
         set_={key: statement.excluded[key] for key in ("epoch", "state", "size_bytes", "updated_at")},
     ))
-    cancel = bool(row.cancel_requested)
-    session.commit()
-    return cancel
 
 
 def succeed(

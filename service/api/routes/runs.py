@@ -8,7 +8,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 
-from service.api.deps import SessionDep, SettingsDep, ValidRun
+from service.api.deps import CurrentTenant, PageDep, SessionDep, SettingsDep, ValidRun
+from service.api.fast_routes import JsonBodyRoute
 from service.api.idempotency import IdempotencyKey, canonical, create_once
 from service.jobs.idempotency import fingerprint
 from service.jobs import webhooks
@@ -28,13 +29,7 @@ from service.runs.schemas import (
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
 
 
-@router.post(
-    "/{run_id}/predict",
-    response_model=PredictResponse,
-    responses={404: {"description": "no such run"}, 409: {"description": "run has not succeeded"},
-               422: {"description": "bad inputs"}},
-)
-async def predict(run_id: uuid.UUID, request: PredictRequest, http_request: Request) -> Response:
+async def predict(run_id: uuid.UUID, request: PredictRequest, http_request: Request, tenant: CurrentTenant) -> Response:
     """Monte Carlo dropout: `samples` stochastic forward passes per input, summarised.
 
     Concurrent requests without a `seed` for the same run and `samples` may be answered from
@@ -42,13 +37,22 @@ async def predict(run_id: uuid.UUID, request: PredictRequest, http_request: Requ
     passes use their own independent dropout masks, so results are distributed exactly as if
     computed alone. A request with a `seed` is never merged with others: the same seed and
     inputs give the same result, whatever else is being served."""
-    # The hot path, so: first route of this router (matched first); async, reading app.state
-    # directly (a sync dependency would be a threadpool hop each), the sampling off the event
-    # loop (service.runs.batching); the response, validated as it is built, serialised once.
+    # The hot path, so: first route of this router (matched first); its requests handled by
+    # JsonBodyRoute (no dependency solving; the body parsed and validated in one pass); async,
+    # reading app.state directly, the sampling off the event loop (service.runs.batching); the
+    # response, validated as it is built, serialised once.
     state = http_request.app.state
     batcher = app_batcher(state, state.settings)
-    response = await runs.predict(state.settings, state.model_cache, batcher, run_id, request)
+    response = await runs.predict(state.settings, state.model_cache, batcher, run_id, request, tenant)
     return Response(response.model_dump_json(), media_type="application/json")
+
+
+router.add_api_route(
+    "/{run_id}/predict", predict, methods=["POST"], route_class_override=JsonBodyRoute,
+    response_model=PredictResponse,
+    responses={404: {"description": "no such run"}, 409: {"description": "run has not succeeded"},
+               422: {"description": "bad inputs"}},
+)
 
 
 @router.post(
@@ -58,29 +62,34 @@ async def predict(run_id: uuid.UUID, request: PredictRequest, http_request: Requ
                422: {"description": "invalid spec, or an Idempotency-Key reused with another body"}},
 )
 def create_run(
-    data: RunCreate, session: SessionDep, settings: SettingsDep, idempotency_key: IdempotencyKey = None,
+    data: RunCreate, session: SessionDep, settings: SettingsDep, tenant: CurrentTenant,
+    idempotency_key: IdempotencyKey = None,
 ) -> JSONResponse:
     """Queue a training run; a worker picks it up. Follow it with GET, /metrics or /events."""
     return create_once(
-        settings, idempotency_key, scope="POST /v1/runs", status_code=202,
+        settings, idempotency_key, tenant=tenant, scope="POST /v1/runs", status_code=202,
         fingerprint=fingerprint(canonical(data.model_dump(mode="json"))),
-        create=lambda: runs.create(session, settings, data),
+        create=lambda: runs.create(session, settings, data, tenant),
     )
 
 
 @router.get("", response_model=RunList)
 def list_runs(
     session: SessionDep,
+    tenant: CurrentTenant,
+    page: PageDep,
     status: RunStatusName | None = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    dataset_id: uuid.UUID | None = None,
 ) -> RunList:
-    """Runs, newest first."""
-    return RunList(items=runs.list_runs(session, status=status, limit=limit))
+    """The caller's runs, a page at a time (newest first unless `sort=created_at`), filtered by
+    status, dataset and creation time."""
+    result = runs.list_page(session, tenant, page, status=status, dataset_id=dataset_id)
+    return RunList(items=result.items, next_cursor=result.next_cursor)
 
 
 @router.get("/{run_id}", response_model=RunRead, responses={404: {"description": "no such run"}})
-def read_run(run: ValidRun, session: SessionDep) -> RunRead:
-    return runs.read(session, run.id)
+def read_run(run: ValidRun, session: SessionDep, tenant: CurrentTenant) -> RunRead:
+    return runs.read(session, run.id, tenant)
 
 
 @router.post(
@@ -90,9 +99,11 @@ def read_run(run: ValidRun, session: SessionDep) -> RunRead:
                202: {"description": "cancellation requested: the worker stops at the next batch"},
                404: {"description": "no such run"}, 409: {"description": "the run already ended"}},
 )
-def cancel_run(run: ValidRun, session: SessionDep, settings: SettingsDep, response: Response) -> RunRead:
+def cancel_run(
+    run: ValidRun, session: SessionDep, settings: SettingsDep, response: Response, tenant: CurrentTenant,
+) -> RunRead:
     """Cancel a queued run at once, or a running one at its next batch boundary (metrics so far are kept)."""
-    body, done = runs.cancel(session, settings, run.id)
+    body, done = runs.cancel(session, settings, run.id, tenant)
     response.status_code = 200 if done else 202
     return body
 
@@ -107,17 +118,17 @@ def list_run_deliveries(run: ValidRun, session: SessionDep) -> DeliveryList:
     "/{run_id}/evaluation",
     responses={404: {"description": "no such run, or no held-out rows"}, 409: {"description": "not succeeded"}},
 )
-def read_run_evaluation(run: ValidRun, session: SessionDep) -> dict[str, Any]:
+def read_run_evaluation(run: ValidRun, session: SessionDep, tenant: CurrentTenant) -> dict[str, Any]:
     """Held-out metrics computed after training, MC dropout beside the deterministic net.
 
     Classification: accuracy, NLL, Brier, ECE (15 bins) with the reliability diagram, AUROC of
     misclassification detection by predictive entropy and by mutual information, uncertainty
     histograms for correct vs wrong. Regression: RMSE, the mixture test log-likelihood, 95 %
     interval coverage."""
-    return runs.evaluation(session, run.id)
+    return runs.evaluation(session, run.id, tenant)
 
 
 @router.get("/{run_id}/metrics", response_model=MetricsList, responses={404: {"description": "no such run"}})
-def read_run_metrics(run: ValidRun, session: SessionDep) -> MetricsList:
+def read_run_metrics(run: ValidRun, session: SessionDep, tenant: CurrentTenant) -> MetricsList:
     """Per-epoch training history."""
-    return runs.metrics(session, run.id)
+    return runs.metrics(session, run.id, tenant)
