@@ -149,7 +149,8 @@ def test_expired_key_runs_again_and_is_purged(url: str) -> None:
     second = execute(url, scope=scope, key=key, fingerprint=fingerprint(b"b"), ttl_s=0.05, create=create)
     assert create.calls == 2 and second[2] is False and second[1] != first[1]
     time.sleep(0.1)
-    assert idempotency.purge_expired(url) >= 1
+    # purged here, or already by a reconciler of the same database (it purges on every pass)
+    idempotency.purge_expired(url)
     assert read_row(url, scope, key) is None
 
 
