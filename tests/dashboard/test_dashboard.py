@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from service.config import Settings
-from tests.conftest import Process, free_port, make_key, settings_env
+from tests.conftest import Process, free_port, make_key, settings_env, wait_until_ready
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
@@ -50,16 +50,7 @@ def api_server(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> 
     worker = Process([sys.executable, "-m", "service.cli", "worker"], settings_env(settings), logs / "worker.log")
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if api.popen.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"the API did not become ready:\n{api.output()[-4000:]}")
-            time.sleep(0.2)
+        wait_until_ready(base, api)
         worker.wait_for_output(" ready.", timeout=90)
         yield base
     finally:
