@@ -47,7 +47,9 @@ def api_server(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> 
     port = free_port()
     env = settings_env(settings) | {"MCDROP_HOST": "127.0.0.1", "MCDROP_PORT": str(port), "MCDROP_AUTH": "on"}
     api = Process([sys.executable, "-m", "service.cli", "serve"], env, logs / "api.log")
-    worker = Process([sys.executable, "-m", "service.cli", "worker"], settings_env(settings), logs / "worker.log")
+    # Every epoch recorded as it ends (the default batches them about once a second).
+    worker = Process([sys.executable, "-m", "service.cli", "worker"],
+                     settings_env(settings) | {"MCDROP_CHECKPOINT_INTERVAL_S": "0"}, logs / "worker.log")
     try:
         base = f"http://127.0.0.1:{port}"
         wait_until_ready(base, api)
@@ -143,6 +145,7 @@ def test_submit_watch_inspect_and_predict(page: Any, api_server: str, tenant_key
     page.fill("#run-hidden", "64, 64")
     page.fill("#run-dropout", "0.5")
     page.fill("#run-epochs", "6")
+    page.fill("#run-batch", "2")  # small batches: seconds of training, so "running" is seen live
     page.fill("#run-seed", "0")
     page.click("#run-submit")
     row = page.locator("#runs-table tbody tr").first

@@ -33,6 +33,9 @@ def api_log_lines(client: TestClient, path: str, request_id: str) -> list[dict]:
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.addFilter(ContextFilter())
+    # Only this request's lines: the apps' background threads (reconciler, alias refresher) run
+    # their own SQL meanwhile, with no request id.
+    handler.addFilter(lambda record: not record.threadName.startswith(("mcdrop-reconciler", "mcdrop-alias-refresher")))
     handler.setFormatter(JsonFormatter())
     engine_logger = logging.getLogger("sqlalchemy.engine.Engine")
     previous = engine_logger.level
