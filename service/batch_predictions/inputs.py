@@ -3,14 +3,13 @@ taken from a dataset; stored for the worker as an Arrow IPC stream."""
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
+from service.datasets.csv_parsing import read_rows
 from service.errors import InvalidInput
 
 MAX_ERRORS = 20
@@ -77,22 +76,7 @@ def parse_input_csv(
     """A header row, then one row to predict per line. The columns are the model's features (in
     any order), optionally an id column (``id_column``, else a column named ``id``) and the
     target column (``target_name``, the model's target), carried into the results."""
-    try:
-        text = content.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise InvalidInput(
-            "the CSV file is not valid UTF-8",
-            errors=[{"loc": _loc(), "msg": f"byte {exc.start} is not UTF-8", "type": "encoding"}],
-        ) from None
-    try:
-        rows = [row for row in csv.reader(io.StringIO(text)) if any(cell.strip() for cell in row)]
-    except csv.Error as exc:
-        raise InvalidInput("the file could not be read as CSV",
-                           errors=[{"loc": _loc(), "msg": str(exc), "type": "csv"}]) from None
-    if not rows:
-        raise InvalidInput("the CSV file is empty", errors=[{"loc": _loc(), "msg": "no header row", "type": "csv"}])
-    header = [cell.strip() for cell in rows[0]]
-    body = rows[1:]
+    header, body = read_rows(content)
     if len(set(header)) != len(header):
         repeated = sorted({name for name in header if header.count(name) > 1})
         raise InvalidInput("the CSV header repeats column names",

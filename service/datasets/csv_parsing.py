@@ -18,10 +18,9 @@ def _loc(*parts: object) -> list[object]:
     return ["body", "file", *parts]
 
 
-def parse_csv(
-    content: bytes, *, target: str, task: str, max_rows: int, max_features: int
-) -> Dataset:
-    """A header row, then one example per row; every column but ``target`` must be numeric."""
+def read_rows(content: bytes) -> tuple[list[str], list[list[str]]]:
+    """The header (names stripped) and the non-blank rows of an uploaded CSV file (UTF-8,
+    optional BOM); InvalidInput at body.file when it cannot be decoded or parsed, or is empty."""
     try:
         text = content.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -30,17 +29,22 @@ def parse_csv(
             errors=[{"loc": _loc(), "msg": f"byte {exc.start} is not UTF-8", "type": "encoding"}],
         ) from None
     try:
-        rows = list(csv.reader(io.StringIO(text)))
+        rows = [row for row in csv.reader(io.StringIO(text)) if any(cell.strip() for cell in row)]
     except csv.Error as exc:
         raise InvalidInput(
             "the file could not be read as CSV",
             errors=[{"loc": _loc(), "msg": str(exc), "type": "csv"}],
         ) from None
-    rows = [row for row in rows if any(cell.strip() for cell in row)]
     if not rows:
         raise InvalidInput("the CSV file is empty", errors=[{"loc": _loc(), "msg": "no header row", "type": "csv"}])
-    header = [cell.strip() for cell in rows[0]]
-    body = rows[1:]
+    return [cell.strip() for cell in rows[0]], rows[1:]
+
+
+def parse_csv(
+    content: bytes, *, target: str, task: str, max_rows: int, max_features: int
+) -> Dataset:
+    """A header row, then one example per row; every column but ``target`` must be numeric."""
+    header, body = read_rows(content)
     if target not in header:
         raise InvalidInput(
             f"target column {target!r} is not in the CSV header",

@@ -21,6 +21,7 @@ from service.ml.mc import sample_outputs
 from service.registry.schemas import AcquiredRow, AcquireRequest, AcquireResponse
 from service.registry.serving import ServingAliases, serving_model
 from service.runs.inference import ModelCache
+from service.runs.inputs import feature_matrix
 from service.runs.modelling import TrainedModel
 
 
@@ -53,18 +54,7 @@ def _pool(session: Session, settings: Settings, request: AcquireRequest, n_featu
     if len(request.inputs) > settings.acquire_max_pool_rows:
         raise _invalid(f"{len(request.inputs)} rows", ["body", "inputs"],
                        f"at most {settings.acquire_max_pool_rows} pool rows", "too_long")
-    wrong = [
-        {"loc": ["body", "inputs", i], "msg": f"{len(values)} features, the model takes {n_features}", "type": "wrong_length"}
-        for i, values in enumerate(request.inputs) if len(values) != n_features
-    ]
-    if wrong:
-        raise InvalidInput(f"every pool row needs {n_features} features", errors=wrong[:20])
-    features = np.asarray(request.inputs, dtype=np.float64)
-    with np.errstate(over="ignore"):
-        pool = features.astype(np.float32)
-    if not np.isfinite(pool).all():
-        raise _invalid("values beyond ±3.4e38", ["body", "inputs"], "inputs overflow float32")
-    return pool
+    return feature_matrix(request.inputs, n_features, noun="pool row")
 
 
 def _check_request(settings: Settings, request: AcquireRequest, model: TrainedModel) -> None:

@@ -8,7 +8,6 @@ import uuid
 from typing import Any
 
 import anyio.to_thread
-import numpy as np
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
@@ -24,6 +23,7 @@ from service.observability.uncertainty import served_uncertainty
 from service.runs import lifecycle, repository
 from service.runs.batching import PredictBatcher
 from service.runs.inference import ModelCache
+from service.runs.inputs import feature_matrix
 from service.runs.modelling import TrainedModel
 from service.runs.models import RunRow, RunStatus
 from service.runs.schemas import (
@@ -236,22 +236,8 @@ async def predict(
             f"at most {settings.max_samples} samples",
             errors=[{"loc": ["body", "samples"], "msg": f"{request.samples} samples", "type": "too_large"}],
         )
-    expected = model.network.n_inputs
-    wrong = [
-        {"loc": ["body", "inputs", i], "msg": f"{len(values)} features, the model takes {expected}", "type": "wrong_length"}
-        for i, values in enumerate(request.inputs) if len(values) != expected
-    ]
-    if wrong:
-        raise InvalidInput(f"every input needs {expected} features", errors=wrong[:20])
-    features = np.asarray(request.inputs, dtype=np.float64)
-    with np.errstate(over="ignore"):
-        overflow = not np.isfinite(features.astype(np.float32)).all()
-    if overflow:
-        raise InvalidInput(
-            "inputs overflow float32",
-            errors=[{"loc": ["body", "inputs"], "msg": "values beyond ±3.4e38", "type": "value_error"}],
-        )
-    predictions = await batcher.predict(run_id, model, features.astype(np.float32), request.samples, request.seed)
+    features = feature_matrix(request.inputs, model.network.n_inputs)
+    predictions = await batcher.predict(run_id, model, features, request.samples, request.seed)
     served_uncertainty.observe_predictions(str(run_id), predictions)  # /metrics: one numpy update per request
     return PredictResponse(
         run_id=run_id, task=model.task, samples=request.samples, seed=request.seed,

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import CurrentTenant, PageDep, SessionDep, SettingsDep
-from service.api.uploads import read_limited
+from service.api.uploads import read_limited, refuse_declared_oversize
 from service.api.idempotency import IdempotencyKey, canonical, create_once
 from service.batch_predictions import service as batch_predictions
 from service.batch_predictions.schemas import (
@@ -130,9 +130,7 @@ async def create_batch_prediction(
     idempotency_key: IdempotencyKey = None,
 ) -> JSONResponse:
     content_type = request.headers.get("content-type", "")
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > settings.max_upload_bytes + 64 * 1024:
-        raise PayloadTooLarge(f"the request body is larger than the limit of {settings.max_upload_bytes} bytes")
+    refuse_declared_oversize(request, settings.max_upload_bytes)
     scope = "POST /v1/batch-predictions"
     if content_type.startswith("multipart/form-data"):
         options, content, filename, id_column = await _read_form(request, settings)

@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from pydantic import ValidationError
 
 from service.api.deps import CurrentTenant, PageDep, SessionDep, SettingsDep, ValidDataset
-from service.api.uploads import read_limited
+from service.api.uploads import read_limited, refuse_declared_oversize
 from service.api.idempotency import IdempotencyKey, canonical, create_once
 from service.jobs.idempotency import fingerprint
 from service.datasets import service as datasets
@@ -57,9 +57,7 @@ async def create_dataset(
     idempotency_key: IdempotencyKey = None,
 ) -> JSONResponse:
     content_type = request.headers.get("content-type", "")
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > settings.max_upload_bytes + 64 * 1024:
-        raise PayloadTooLarge(f"the request body is larger than the limit of {settings.max_upload_bytes} bytes")
+    refuse_declared_oversize(request, settings.max_upload_bytes)
     if content_type.startswith("multipart/form-data"):
         name, target, task, content = await _read_form(request, settings)
         return await run_in_threadpool(
