@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -35,6 +36,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.api_torch_threads > 0:
             torch.set_num_threads(settings.api_torch_threads)
         tune_allocator()  # MC calls reuse heap pages instead of faulting in fresh ones
+        await asyncio.to_thread(app.state.model_cache.warm_up)  # the MC kernels, before the first prediction
         if not settings.auth_enabled:
             log.warning(
                 "auth is OFF (MCDROP_AUTH=off, embedded server on loopback): every caller is tenant %r",

@@ -4,18 +4,22 @@ Keeping dropout on at test time and averaging ``T`` stochastic forward passes ap
 the predictive distribution of a Bayesian network. :func:`sample_outputs` does the ``T``
 passes as one batched computation: the net stays in ``eval()`` (so every non-dropout module
 behaves as at test time), the part before the first dropout layer is computed once, and the
-masks come from a private ``torch.Generator`` — never the global RNG — so concurrent calls
-are safe and a seed reproduces the samples exactly. The masks are drawn as 16-bit integer
-lanes (so each dropout rate is rounded to a multiple of 2**-16, as in :mod:`service.ml.sweep`),
-each 1/keep scale is folded into the weight of the next Linear, and activations and masks are
-applied in place on tensors the engine creates; :func:`sample_outputs_loop` is the reference.
+masks come from keys or a ``torch.Generator`` private to the call — never the global RNG — so
+concurrent calls are safe and a seed reproduces the samples exactly. Each dropout rate is
+rounded to a multiple of 2**-16 (as in :mod:`service.ml.sweep`) and each 1/keep scale is folded
+into the next Linear. On the CPU the masks are drawn and applied in cache-sized blocks of rows
+by the fused kernels of :mod:`service.ml.mc_kernels`; elsewhere by torch ops on tensors the
+engine creates. What a call needs of the net (the plans, the scaled weights) is kept per net
+while its modules, parameters and rates stay the same. :func:`sample_outputs_loop` is the
+reference.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -67,9 +71,10 @@ def _any_training(net: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def _eval_mode(net: nn.Module) -> Iterator[None]:
-    """``net.eval()`` for the block; a no-op (no writes, so no races) if it already is."""
-    if not _any_training(net):
+def _eval_mode(net: nn.Module, modules: tuple[nn.Module, ...] | None = None) -> Iterator[None]:
+    """``net.eval()`` for the block; a no-op (no writes, so no races) if it already is. ``modules``:
+    all of the net's modules, where the caller has them."""
+    if not (any(m.training for m in modules) if modules is not None else _any_training(net)):
         yield
         return
     with _modes_restored(net):
@@ -242,6 +247,214 @@ def _run_chunk(prefix: Tensor, steps: list[_Step], samples: int, generator: torc
     return hidden if owned else hidden.clone()
 
 
+# The fused CPU path (service.ml.mc_kernels): rows per block, so that a block's activations stay
+# in the core's cache (64 Ki floats: 256 KiB) while the masks, matmuls and activations go over it.
+_FUSED_BLOCK_ELEMENTS = 1 << 16
+_FUSED_ACTIVATIONS: dict[type[nn.Module], Callable[[Tensor], Tensor]] = {
+    nn.Tanh: torch.tanh_, nn.Sigmoid: torch.sigmoid_, nn.GELU: lambda h: h.copy_(F.gelu(h)),
+}
+
+
+class _FusedDropout(NamedTuple):
+    top: int  # service.ml.mc_kernels.mask_parameters of the keep count
+    low: int
+    threshold: int
+    index: int  # which pair of keys
+
+
+class _FusedLayer(NamedTuple):
+    weight_t: Tensor  # [in, out] contiguous, with the 1/keep of the dropout before it folded in
+    bias: np.ndarray  # [out] float32 (zeros without a bias)
+    relu: bool  # ReLU applied by the kernel
+    activation: Callable[[Tensor], Tensor] | None  # another activation, in place, by torch
+    dropout: _FusedDropout | None  # the dropout after it
+
+
+class _FusedPlan(NamedTuple):
+    first: _FusedDropout  # the dropout the prefix ends at
+    layers: list[_FusedLayer]
+    widest: int  # the widest activation, the prefix's included
+    dropouts: int
+    finish_last: bool  # whether the last layer has a bias or an activation to apply
+
+
+def _kernels():  # noqa: ANN202 (a module)
+    """service.ml.mc_kernels, imported on first use: numba's import takes ~1 s, which processes
+    that never sample (the CLI, migrations) should not pay."""
+    global _KERNELS
+    if _KERNELS is None:
+        from service.ml import mc_kernels
+
+        _KERNELS = mc_kernels
+    return _KERNELS
+
+
+_KERNELS = None
+
+
+def _fused_plan(suffix: list[nn.Module]) -> _FusedPlan | None:
+    """The suffix as ``Dropout (Linear [activation] [Dropout])*`` for the fused CPU kernels, or
+    None where it is anything else (other modules, two dropouts in a row, a trailing dropout, a
+    rate the kernels do not draw): those nets take the general path."""
+    mc_kernels = _kernels()
+    dropouts: list[_FusedDropout] = []
+
+    def dropout_of(module: nn.Module) -> tuple[_FusedDropout, float] | None:
+        count = _keep_count(module.p)
+        if type(module) is not nn.Dropout or not mc_kernels.supports_keep_count(count):
+            return None
+        top, low, threshold = mc_kernels.mask_parameters(count)
+        dropouts.append(_FusedDropout(top, low, threshold, len(dropouts)))
+        return dropouts[-1], _MASK_LEVELS / count
+
+    modules = [m for m in suffix if not (type(m) is nn.Dropout and m.p == 0)]
+    if not modules or type(modules[0]) is not nn.Dropout or (parsed := dropout_of(modules[0])) is None:
+        return None
+    first, scale = parsed
+    layers: list[_FusedLayer] = []
+    i = 1
+    while i < len(modules):
+        linear = modules[i]
+        if type(linear) is not nn.Linear:
+            return None
+        i += 1
+        relu, activation, dropout = False, None, None
+        if i < len(modules) and type(modules[i]) is nn.ReLU:
+            relu, i = True, i + 1
+        elif i < len(modules) and type(modules[i]) in _FUSED_ACTIVATIONS:
+            activation, i = _FUSED_ACTIVATIONS[type(modules[i])], i + 1
+        next_scale = 1.0
+        if i < len(modules) and type(modules[i]) is nn.Dropout:
+            if i == len(modules) - 1 or (parsed := dropout_of(modules[i])) is None:
+                return None
+            (dropout, next_scale), i = parsed, i + 1
+        weight = linear.weight.detach() * scale if scale != 1.0 else linear.weight.detach()
+        bias = (linear.bias.detach().numpy() if linear.bias is not None
+                else np.zeros(linear.out_features, dtype=np.float32))
+        layers.append(_FusedLayer(weight.t().contiguous(), bias, relu, activation, dropout))
+        scale = next_scale
+    if not layers:
+        return None
+    widest = max([layers[0].weight_t.shape[0]] + [layer.weight_t.shape[1] for layer in layers])
+    last = layers[-1]
+    finish_last = last.activation is not None or last.relu or bool(last.bias.any())
+    return _FusedPlan(first, layers, widest, len(dropouts), finish_last)
+
+
+def _run_fused(prefix: Tensor, plan: _FusedPlan, samples: int, generator: torch.Generator,
+               max_elements: int) -> Tensor:
+    """``samples`` passes over ``prefix [rows, width]`` by blocks of rows: a new
+    ``[samples * rows, n_out]``. Row ``t * rows + b`` is sample ``t`` of input ``b``; its masks
+    depend on the keys and its row number only, so the block size does not change them."""
+    mc_kernels = _kernels()
+    total = samples * prefix.shape[0]
+    block = max(1, min(total, min(_FUSED_BLOCK_ELEMENTS, max_elements) // plan.widest))
+    keys = _random_words(2 * plan.dropouts, generator, prefix.device).numpy().view(np.uint64)
+    prefix_np = prefix.contiguous().numpy()
+    first, last = plan.first, plan.layers[-1]
+    first_args = (keys[2 * first.index], keys[2 * first.index + 1], first.top, first.low, first.threshold)
+    masked = torch.empty(block, prefix.shape[1])
+    first_words = np.empty((block, (prefix.shape[1] + 7) // 8), dtype=np.uint64)
+    hidden = [(layer, torch.empty(block, layer.weight_t.shape[1]),
+               np.empty((block, (layer.weight_t.shape[1] + 7) // 8 if layer.dropout else 0), dtype=np.uint64))
+              for layer in plan.layers[:-1]]
+    output = torch.empty(total, last.weight_t.shape[1])
+    broadcast = mc_kernels.broadcast_dropout
+    for start in range(0, total, block):
+        n = min(block, total - start)
+        h = masked if n == block else masked[:n]
+        broadcast(prefix_np, h.numpy(), first_words[:n], start, *first_args)
+        for layer, out, words in hidden:
+            h = torch.mm(h, layer.weight_t, out=out if n == block else out[:n])
+            _finish_layer(h, layer, words[:n], start, keys)
+        torch.mm(h, last.weight_t, out=output[start : start + n])
+    # The last layer's bias and activation once over the whole output (it has no dropout).
+    if plan.finish_last:
+        _finish_layer(output, last, np.empty((total, 0), dtype=np.uint64), 0, keys)
+    return output
+
+
+def _finish_layer(h: Tensor, layer: _FusedLayer, words: np.ndarray, start: int, keys: np.ndarray) -> None:
+    """In place on a block of a Linear's outputs (global rows from ``start``): bias, activation, dropout."""
+    mc_kernels, h_np, d = _kernels(), h.numpy(), layer.dropout
+    bias, kind = layer.bias, mc_kernels.RELU if layer.relu else mc_kernels.IDENTITY
+    if layer.activation is not None:  # torch's activation between the bias and the mask
+        mc_kernels.bias_activation_dropout(h_np, bias, kind, words[:, :0], 0, keys[0], keys[0], 0, 0, 0)
+        layer.activation(h)
+        if d is None:
+            return
+        bias = np.zeros_like(bias)
+    if d is None:
+        mc_kernels.bias_activation_dropout(h_np, bias, kind, words, 0, keys[0], keys[0], 0, 0, 0)
+    else:
+        mc_kernels.bias_activation_dropout(h_np, bias, kind, words, start, keys[2 * d.index],
+                                           keys[2 * d.index + 1], d.top, d.low, d.threshold)
+
+
+class _Compiled(NamedTuple):
+    """What a call needs of a net besides its inputs, kept while the net stays the same."""
+    children: tuple[nn.Module, ...]  # the Sequential's modules, in order
+    modules: tuple[nn.Module, ...]  # all of them, nested ones included
+    tensors: tuple[Tensor, ...]  # the parameters (held, so that their ids stay theirs)
+    state: tuple[float, ...]  # what _state read when this was built
+    device: torch.device
+    prefix: list[Callable[[Tensor], Tensor]]  # the layers before the first dropout, computed once per call
+    suffix: list[nn.Module]
+    steps: list[_Step]  # the general path's plan of the suffix
+    fused: _FusedPlan | None  # the fused CPU path's, where the suffix has its shape
+
+
+_COMPILED: weakref.WeakKeyDictionary[nn.Module, _Compiled] = weakref.WeakKeyDictionary()
+
+
+def _state(modules: tuple[nn.Module, ...]) -> tuple[float, ...]:
+    """Every parameter's id, version counter (it moves on every in-place update: optimiser steps,
+    load_state_dict) and data pointer (``.to()`` swaps the data without a new version), and every
+    dropout rate."""
+    state: list[float] = []
+    for module in modules:
+        for tensor in module._parameters.values():
+            if tensor is not None:
+                state += (id(tensor), tensor._version, tensor.data_ptr())
+        if isinstance(module, _DropoutNd):
+            state.append(module.p)
+    return tuple(state)
+
+
+def _prefix_step(module: nn.Module) -> Callable[[Tensor], Tensor]:
+    """``module``'s forward, without nn.Module's call machinery for a Linear or a ReLU (no hooks to
+    run on these nets; a few µs per layer of a batch-1 prediction)."""
+    if type(module) is nn.Linear and not (module._forward_hooks or module._forward_pre_hooks):
+        return lambda h: F.linear(h, module.weight, module.bias)
+    if type(module) is nn.ReLU and not (module._forward_hooks or module._forward_pre_hooks):
+        return torch.relu
+    return module
+
+
+def _compiled(net: nn.Sequential) -> _Compiled:
+    """The net's plans, built once and reused while the net keeps its modules, parameters and
+    rates (a batch-1 prediction would otherwise spend much of its time re-deriving them)."""
+    compiled = _COMPILED.get(net)
+    if (compiled is not None and tuple(net._modules.values()) == compiled.children
+            and _state(compiled.modules) == compiled.state):
+        return compiled
+    children = tuple(net._modules.values())
+    modules = tuple(net.modules())
+    first = _first_sampled_dropout(list(children))
+    suffix = list(children[first:])
+    linears = [m for m in suffix if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        fused = None
+        if linears and linears[0].weight.device.type == "cpu" and linears[0].weight.dtype == torch.float32:
+            fused = _fused_plan(suffix)
+        steps = _plan(suffix) if suffix else []
+    compiled = _Compiled(
+        children, modules, tuple(t for m in modules for t in m._parameters.values() if t is not None),
+        _state(modules), _device_of(net), [_prefix_step(m) for m in children[:first]], suffix, steps, fused)
+    _COMPILED[net] = compiled
+    return compiled
+
+
 def sample_outputs(
     net: nn.Sequential,
     x: Tensor | np.ndarray,
@@ -249,6 +462,7 @@ def sample_outputs(
     seed: int | None = None,
     *,
     max_elements: int = 2**24,
+    fused: bool = True,
 ) -> Tensor:
     """Draw ``samples`` (T) MC-dropout outputs for inputs ``x [B, D]``: a ``[T, B, n_out]`` tensor.
 
@@ -256,35 +470,45 @@ def sample_outputs(
     per sample, row and unit: Bernoulli(keep) / keep, with keep = k / 2**16 and
     k = round((1 - p) * 2**16) clamped to [1, 2**16] — so p is rounded to a multiple of 2**-16
     (|error| <= 7.7e-6, the rule of :mod:`service.ml.sweep`) and the mask stays exactly unbiased
-    for the rounded rate; p = 1 drops every unit, as ``nn.Dropout(1.0)``. The masks come from
-    16-bit integer lanes of a private generator's int64 draws (one random bit per unit for
-    p = 0.5), and each 1/keep scale is folded into the weight of the ``nn.Linear`` that follows.
-    Activations are applied in place on the engine's own tensors; ``x`` and the net are never
-    modified.
+    for the rounded rate; p = 1 drops every unit, as ``nn.Dropout(1.0)``. Each 1/keep scale is
+    folded into the weight of the ``nn.Linear`` that follows. ``x`` and the net are never modified.
 
-    The samples are computed in chunks of T so that no activation exceeds ``max_elements``
-    elements. With a ``seed`` the result is reproducible for the same inputs, T and
-    ``max_elements``; the chunk size changes the order of the draws, so a different chunking
-    gives different (identically distributed) samples. Without a seed the masks use fresh OS
+    Two paths compute this, with the same distribution:
+
+    * the fused CPU path, for float32 nets on the CPU shaped ``Dropout (Linear [activation]
+      [Dropout])*`` after the cached prefix (every net :func:`service.ml.nets.build_network`
+      makes): blocks of rows that stay in cache, each dropout drawn and applied in one pass by
+      :mod:`service.ml.mc_kernels` (counter-based masks). With a ``seed`` the result is
+      reproducible for the same inputs and T; ``max_elements`` (which caps the block) does not
+      change the masks (the BLAS may round a differently shaped block differently, by an ulp).
+    * the general path, for every other net and device (``fused=False`` forces it): torch ops
+      on chunks of T samples, masks from 16-bit lanes of a private ``torch.Generator`` (one
+      random bit per unit for p = 0.5). With a ``seed`` the result is reproducible for the same
+      inputs, T and ``max_elements``; a different chunking gives different (identically
+      distributed) samples.
+
+    The two paths draw different masks for the same seed. Without a seed the masks use fresh OS
     randomness.
     """
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     if not isinstance(net, nn.Sequential):
         raise TypeError("sample_outputs needs an nn.Sequential")
-    modules = list(net)
-    first = _first_sampled_dropout(modules)
-    x = _as_input(net, x)
+    compiled = _compiled(net)
+    x = torch.as_tensor(x).to(device=compiled.device, dtype=torch.float32)
+    if x.ndim != 2:
+        raise ValueError(f"inputs must have shape [batch, features], got {tuple(x.shape)}")
     generator = _new_generator(seed, x.device)
-    with torch.inference_mode(), _eval_mode(net):
+    with torch.inference_mode(), _eval_mode(net, compiled.modules):
         prefix = x
-        for module in modules[:first]:
-            prefix = module(prefix)
-        suffix = modules[first:]
+        for step in compiled.prefix:
+            prefix = step(prefix)
         rows = prefix.shape[0]
-        if not suffix:
+        if not compiled.suffix:
             return prefix.unsqueeze(0).expand(samples, *prefix.shape).clone()
-        steps = _plan(suffix)
+        if fused and compiled.fused is not None and prefix.device.type == "cpu" and prefix.dtype == torch.float32:
+            return _run_fused(prefix, compiled.fused, samples, generator, max_elements).view(samples, rows, -1)
+        steps, suffix = compiled.steps, compiled.suffix
         widest = max([prefix.shape[-1]] + [m.out_features for m in suffix if isinstance(m, nn.Linear)])
         chunk = max(1, max_elements // max(1, rows * widest))
         if chunk >= samples:
@@ -298,6 +522,14 @@ def sample_outputs(
             output[start : start + t] = hidden
         assert output is not None
         return output
+
+
+def warm_up() -> None:
+    """Pay the engine's one-time costs (numba's import and the kernels' compilation, or loading them
+    from its cache: ~1-2 s) at process start instead of in the first prediction."""
+    net = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Dropout(0.5), nn.Linear(4, 4), nn.ReLU(),
+                        nn.Dropout(0.05), nn.Linear(4, 1))
+    sample_outputs(net, torch.zeros(1, 2), 2, seed=0)
 
 
 def sample_outputs_loop(

@@ -8,6 +8,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 
+from service.ml import mc
 from service.runs.modelling import TrainedModel
 
 
@@ -88,6 +89,11 @@ class ModelCache:
                 self._models.popitem(last=False)
         loading.done.set()
         return model
+
+    @staticmethod
+    def warm_up() -> None:
+        """The prediction path's one-time costs (the MC engine's kernels), paid before the first request."""
+        mc.warm_up()
 
     def __len__(self) -> int:
         return len(self._models)

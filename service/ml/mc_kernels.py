@@ -1,0 +1,144 @@
+"""Fused CPU kernels of the MC dropout engine (numba): dropout masks drawn and applied in one pass.
+
+On a CPU a torch dropout step is several passes over the activations (draw words, compare, convert
+to float, multiply, then bias and activation), each one out of cache for T·B rows. These kernels
+do a block of rows in one pass that stays in cache, with the masks drawn by a counter-based
+generator:
+
+* Unit ``j`` of global row ``g`` (row = sample · B + input) reads byte ``j`` of the words
+  ``splitmix64(key, g · n_words + q)``, ``n_words = ceil(width / 8)``: a value depends only on
+  the key and its position, never on how the rows are split into blocks or threads.
+* The keep rule is the engine's 16-bit one (:mod:`service.ml.mc`): keep probability
+  ``k / 2**16`` and drop threshold ``D = 2**16 - k``; a 16-bit lane ``L = 256 c + r`` is kept when
+  ``L >= D``. The byte ``c`` decides unless it equals ``D >> 8``; only then (1 draw in 256) are
+  the eight low bits ``r`` drawn, from ``splitmix64(key2, byte index)``. So every unit is kept
+  with probability exactly ``k / 2**16``, independently, with 8.03 random bits on average.
+
+splitmix64 (Steele, Lea & Flood 2014, the seeding generator of xoshiro) passes BigCrush on a
+plain counter; two keys per dropout layer are drawn from the engine's private ``torch.Generator``,
+so a seed still reproduces the samples.
+
+The kernels compile on first use (``cache=True`` keeps the machine code in ``__pycache__``, or in
+numba's per-user cache where that is read-only); :func:`warm_up` pays that at process start.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+_ONE = np.uint64(1)
+_BYTE = np.uint64(255)
+_LOW_BYTES = np.uint64(0x0101010101010101)
+_HIGH_BITS = np.uint64(0x8080808080808080)
+
+# Activations the kernel applies itself; others are applied by torch between two kernel calls.
+IDENTITY = 0
+RELU = 1
+
+_FLAGS = dict(nogil=True, fastmath=True, error_model="numpy", cache=True, boundscheck=False)
+
+
+@njit(inline="always")
+def _splitmix64(key, counter):
+    z = key + (counter + _ONE) * _GOLDEN
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    return z ^ (z >> np.uint64(31))
+
+
+@njit(inline="always")
+def _draw(words, row0, key, key2, top, low):
+    """Fill ``words [rows, n_words]`` for global rows ``row0 ..``; bytes equal to ``top`` are
+    settled by their low byte against ``low`` (set to 255 if kept, 0 if dropped)."""
+    flat = words.reshape(-1)
+    start = np.uint64(row0 * words.shape[1])
+    for i in range(flat.size):
+        flat[i] = _splitmix64(key, start + np.uint64(i))
+    if low == 0:  # the threshold is a multiple of 256: the high byte decides alone
+        return
+    pattern = np.uint64(top) * _LOW_BYTES
+    for i in range(flat.size):
+        word = flat[i]
+        x = word ^ pattern
+        if ((x - _LOW_BYTES) & ~x & _HIGH_BITS) != np.uint64(0):  # some byte equals top
+            for b in range(8):
+                shift = np.uint64(8 * b)
+                if ((word >> shift) & _BYTE) == np.uint64(top):
+                    counter = (start + np.uint64(i)) * np.uint64(8) + np.uint64(b)
+                    kept = (_splitmix64(key2, counter) & _BYTE) >= np.uint64(low)
+                    value = _BYTE if kept else np.uint64(0)
+                    word = (word & ~(_BYTE << shift)) | (value << shift)
+            flat[i] = word
+
+
+@njit(**_FLAGS)
+def broadcast_dropout(prefix, out, words, row0, key, key2, top, low, threshold):
+    """``out[r] = prefix[(row0 + r) % B] * mask[row0 + r]`` (0/1 masks; the scale is elsewhere)."""
+    rows, width = out.shape
+    batch = prefix.shape[0]
+    _draw(words, row0, key, key2, top, low)
+    bytes_ = words.view(np.uint8)
+    limit = np.uint8(threshold)
+    b = row0 % batch
+    for r in range(rows):
+        for j in range(width):
+            out[r, j] = prefix[b, j] * np.float32(bytes_[r, j] >= limit)
+        b += 1
+        if b == batch:
+            b = 0
+
+
+@njit(**_FLAGS)
+def bias_activation_dropout(h, bias, activation, words, row0, key, key2, top, low, threshold):
+    """In place: ``h = activation(h + bias) * mask`` (``words`` of zero columns: no dropout)."""
+    rows, width = h.shape
+    zero = np.float32(0.0)
+    if words.shape[1] == 0:
+        for r in range(rows):
+            for j in range(width):
+                value = h[r, j] + bias[j]
+                h[r, j] = max(value, zero) if activation == RELU else value
+        return
+    _draw(words, row0, key, key2, top, low)
+    bytes_ = words.view(np.uint8)
+    limit = np.uint8(threshold)
+    if activation == RELU:
+        for r in range(rows):
+            for j in range(width):
+                h[r, j] = max(h[r, j] + bias[j], zero) * np.float32(bytes_[r, j] >= limit)
+    else:
+        for r in range(rows):
+            for j in range(width):
+                h[r, j] = (h[r, j] + bias[j]) * np.float32(bytes_[r, j] >= limit)
+
+
+def mask_parameters(keep_count: int) -> tuple[int, int, int]:
+    """``(top, low, threshold)`` of keep probability ``keep_count / 2**16``: a unit is kept when its
+    byte is >= threshold, except a byte equal to ``top`` with ``low`` > 0, kept when its low byte is
+    >= low. For 256 <= keep_count < 2**16 (a threshold of at most 255 fits a byte)."""
+    if not supports_keep_count(keep_count):
+        raise ValueError(f"keep count {keep_count} is outside what the fused kernels draw")
+    drop = (1 << 16) - keep_count
+    top, low = drop >> 8, drop & 255
+    return top, low, top if low == 0 else top + 1
+
+
+def supports_keep_count(keep_count: int) -> bool:
+    """Whether the kernels draw this keep probability: all but p > 0.9961 (and p = 0, no dropout)."""
+    return 256 <= keep_count < (1 << 16)
+
+
+def warm_up() -> None:
+    """Compile (or load from the cache) every kernel signature the engine calls."""
+    words = np.zeros((2, 1), dtype=np.uint64)
+    prefix = np.ones((1, 3), dtype=np.float32)
+    out = np.empty((2, 3), dtype=np.float32)
+    key = np.uint64(1)
+    broadcast_dropout(prefix, out, words, 0, key, key, 128, 0, 128)
+    bias = np.zeros(3, dtype=np.float32)
+    bias_activation_dropout(out, bias, RELU, words, 0, key, key, 12, 205, 13)
+    bias_activation_dropout(out, bias, IDENTITY, words[:, :0], 0, key, key, 0, 0, 0)

@@ -1,0 +1,167 @@
+"""The fused CPU path of the MC engine (service.ml.mc_kernels): exact keep rule, statistical
+quality of the counter-based masks, block invariance, and agreement with the general path.
+
+Statistical checks use SIGMAS standard errors, with fixed seeds (deterministic tests)."""
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from service.ml import mc, mc_kernels
+from service.ml.mc import deterministic_outputs, sample_outputs, sample_outputs_loop
+from service.ml.nets import NetworkSpec, build_network
+from tests.ml.test_mc import SIGMAS, assert_same_distribution, inputs
+
+KEY, KEY2 = np.uint64(0x1234_5678_9ABC_DEF0), np.uint64(0x0FED_CBA9_8765_4321)
+
+
+def keep_count(rate: float) -> int:
+    return min(max(round((1.0 - rate) * 2**16), 1), 2**16)
+
+
+def kept_mask(rows: int, width: int, rate: float, row0: int = 0, key=KEY, key2=KEY2) -> np.ndarray:
+    """The kernel's 0/1 mask for global rows ``row0 ..``: the identity activation on ones."""
+    h = np.zeros((rows, width), dtype=np.float32)
+    bias = np.ones(width, dtype=np.float32)
+    words = np.empty((rows, (width + 7) // 8), dtype=np.uint64)
+    top, low, threshold = mc_kernels.mask_parameters(keep_count(rate))
+    mc_kernels.bias_activation_dropout(h, bias, mc_kernels.IDENTITY, words, row0, key, key2, top, low, threshold)
+    assert set(np.unique(h)) <= {0.0, 1.0}
+    return h
+
+
+@pytest.mark.parametrize("count", [256, 257, 3277, 32768, 32769, 40000, 62259, 65280, 65535])
+def test_the_two_stage_rule_keeps_exactly_k_of_65536_lanes(count):
+    # Every 16-bit lane L = 256 c + r, pushed through the kernel's rule with the parameters it gets:
+    # kept when c >= threshold, except c == top with a low part, which is kept when r >= low.
+    top, low, threshold = mc_kernels.mask_parameters(count)
+    c, r = np.meshgrid(np.arange(256), np.arange(256), indexing="ij")
+    kept = np.where((c == top) & (low > 0), r >= low, c >= threshold)
+    assert kept.sum() == count
+    assert (kept == (256 * c + r >= 2**16 - count)).all()  # the engine's rule: L >= 2**16 - k
+
+
+def test_keep_counts_outside_the_two_stage_rule_are_refused():
+    for count in (0, 255, 2**16):
+        assert not mc_kernels.supports_keep_count(count)
+        with pytest.raises(ValueError):
+            mc_kernels.mask_parameters(count)
+
+
+@pytest.mark.parametrize("rate", [0.05, 0.1, 0.3, 0.5, 0.9, 0.99])
+def test_kernel_masks_keep_each_unit_with_the_rounded_probability(rate):
+    rows, width = 20_000, 37  # an odd width: lanes of a row's last word go unused
+    kept = kept_mask(rows, width, rate)
+    keep = keep_count(rate) / 2**16
+    spread = math.sqrt(keep * (1 - keep))
+    assert abs(kept.mean() - keep) <= SIGMAS * spread / math.sqrt(kept.size)
+    # every byte position within a word is a unit of its own: a biased lane would show here
+    assert (np.abs(kept.mean(axis=0) - keep) <= SIGMAS * spread / math.sqrt(rows)).all()
+
+
+@pytest.mark.parametrize("rate", [0.05, 0.5])
+def test_kernel_masks_are_uncorrelated_across_units_rows_and_keys(rate):
+    kept = kept_mask(40_000, 16, rate)
+    other_key = kept_mask(40_000, 16, rate, key=KEY + np.uint64(1))
+
+    def correlation(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+
+    bound = SIGMAS / math.sqrt(kept[:, :-1].size)
+    assert abs(correlation(kept[:, :-1], kept[:, 1:])) <= bound  # neighbouring units
+    assert abs(correlation(kept[:-1], kept[1:])) <= SIGMAS / math.sqrt(kept[:-1].size)  # neighbouring rows
+    assert abs(correlation(kept, other_key)) <= SIGMAS / math.sqrt(kept.size)  # two layers' keys
+
+
+def test_a_mask_depends_on_the_row_number_not_on_the_block():
+    whole = kept_mask(1000, 50, 0.05)
+    parts = np.concatenate([kept_mask(n, 50, 0.05, row0=start) for start, n in [(0, 1), (1, 333), (334, 666)]])
+    assert np.array_equal(whole, parts)
+    assert not np.array_equal(whole, kept_mask(1000, 50, 0.05, key2=KEY2 + np.uint64(1)))  # low bytes used
+
+
+def test_broadcast_repeats_the_prefix_rows_in_order():
+    prefix = np.arange(1, 3 * 5 + 1, dtype=np.float32).reshape(3, 5)
+    rows, row0 = 11, 7
+    out = np.empty((rows, 5), dtype=np.float32)
+    words = np.empty((rows, 1), dtype=np.uint64)
+    top, low, threshold = mc_kernels.mask_parameters(keep_count(0.3))
+    mc_kernels.broadcast_dropout(prefix, out, words, row0, KEY, KEY2, top, low, threshold)
+    expected_rows = prefix[(row0 + np.arange(rows)) % 3]
+    kept = out != 0
+    assert np.array_equal(out[kept], expected_rows[kept])
+    assert np.array_equal(kept, kept_mask(rows, 5, 0.3, row0=row0).astype(bool))  # the same masks
+
+
+@pytest.mark.parametrize("rate", [0.05, 0.5, 0.9])
+def test_fused_path_keep_fraction_and_scale(rate):
+    # Dropout then an identity Linear: each output is 0 or the inverted-dropout scale.
+    linear = nn.Linear(64, 64, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.eye(64))
+    net, samples = nn.Sequential(nn.Dropout(rate), linear), 2000
+    assert mc._compiled(net).fused is not None
+    draws = sample_outputs(net, torch.ones(8, 64), samples, seed=5)
+    kept = draws != 0
+    keep = keep_count(rate) / 2**16
+    assert draws[kept].unique().tolist() == pytest.approx([1.0 / keep], rel=1e-6)
+    assert abs(kept.double().mean() - keep) <= SIGMAS * math.sqrt(keep * (1 - keep) / kept.numel())
+    assert abs(draws.double().mean() - 1.0) <= SIGMAS * math.sqrt((1 - keep) / keep / kept.numel())
+
+
+NETS = {
+    "relu, input dropout 0.05 (refined lanes)": NetworkSpec(5, 3, (32, 32), (0.05, 0.3), input_dropout=0.05),
+    "tanh": NetworkSpec(5, 3, (32, 16), (0.5, 0.2), activation="tanh"),
+    "gelu, one output": NetworkSpec(5, 1, (24,), (0.4,), activation="gelu"),
+}
+
+
+@pytest.mark.parametrize("name", list(NETS))
+def test_fused_and_general_paths_agree_in_distribution(name):
+    net, x = build_network(NETS[name], seed=3), inputs()
+    assert mc._compiled(net).fused is not None
+    fused = sample_outputs(net, x, 4000, seed=1)
+    general = sample_outputs(net, x, 4000, seed=2, fused=False)
+    assert_same_distribution(fused, general)
+    assert_same_distribution(fused, sample_outputs_loop(net, x, 4000, seed=3))
+    assert not torch.equal(fused[0], fused[1])  # samples differ
+    assert torch.equal(fused, sample_outputs(net, x, 4000, seed=1))  # a seed reproduces
+    # Another block size draws the same masks; the BLAS may round a differently shaped block
+    # differently (by an ulp), where another mask would move an output by ~0.1.
+    blocks = sample_outputs(net, x, 4000, seed=1, max_elements=1000)
+    torch.testing.assert_close(blocks, fused, rtol=0.0, atol=1e-5)
+
+
+def test_nets_of_other_shapes_take_the_general_path():
+    layer_norm = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Dropout(0.3), nn.LayerNorm(16), nn.Linear(16, 2))
+    trailing = nn.Sequential(nn.Linear(5, 16), nn.Dropout(0.3), nn.Linear(16, 2), nn.Dropout(0.2))
+    tiny_keep = nn.Sequential(nn.Linear(5, 16), nn.Dropout(0.999), nn.Linear(16, 2))
+    for net in (layer_norm, trailing, tiny_keep):
+        assert mc._compiled(net).fused is None
+        x = inputs()
+        assert_same_distribution(sample_outputs(net, x, 3000, seed=4), sample_outputs_loop(net, x, 3000, seed=5))
+
+
+def test_the_kept_plan_follows_changes_to_the_net():
+    net, x = build_network(NetworkSpec(5, 2, (16,), (0.5,)), seed=0), inputs()
+    before = sample_outputs(net, x, 20, seed=1)
+    with torch.no_grad():  # an in-place update, as an optimiser step
+        net[-1].weight.zero_()
+    assert torch.equal(sample_outputs(net, x, 20, seed=1), net[-1].bias.detach().expand(20, 8, 2))
+    net[-1] = nn.Linear(16, 2)  # a replaced module
+    assert not torch.equal(sample_outputs(net, x, 20, seed=1), before)
+    net[2].p = 0.0  # the dropout switched off: every sample is the deterministic output
+    assert torch.allclose(sample_outputs(net, x, 5, seed=1), deterministic_outputs(net, x).expand(5, -1, -1), atol=1e-6)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    net.load_state_dict({k: torch.zeros_like(v) for k, v in state.items()})
+    assert torch.equal(sample_outputs(net, x, 5, seed=1), torch.zeros(5, 8, 2))
+
+
+def test_importing_the_engine_does_not_import_numba():
+    code = "import sys, service.ml.mc, service.runs.modelling; sys.exit('numba' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
