@@ -106,8 +106,10 @@ def test_concurrent_unseeded_requests_share_forwards(batching: TestClient, train
         for row, prediction in zip(body["inputs"], answer["predictions"]):
             _assert_valid(prediction)
             expected = deterministic["zero" if row is ZERO else "stripes"]
+            # float32 round-off only (the BLAS may round a batch of 3 rows unlike a batch of 1);
+            # another row's answer would differ in the first digits
             np.testing.assert_allclose(prediction["deterministic"]["probabilities"], expected["probabilities"],
-                                       rtol=1e-6, atol=1e-9)
+                                       rtol=1e-5, atol=1e-9)
 
 
 def test_seeded_requests_reproduce_under_concurrency(batching: TestClient, trained: dict) -> None:

@@ -46,8 +46,9 @@ def test_each_request_gets_its_rows_wherever_the_batch_runs(batching_app: TestCl
         assert len(answer["predictions"]) == len(body["inputs"])
         for row, prediction in zip(body["inputs"], answer["predictions"]):
             expected = deterministic["zero" if row is ZERO else "stripes"]
+            # float32 round-off only (the BLAS may round batches of different sizes differently)
             np.testing.assert_allclose(prediction["deterministic"]["probabilities"], expected["probabilities"],
-                                       rtol=1e-6, atol=1e-9)
+                                       rtol=1e-5, atol=1e-9)
             assert sum(prediction["probabilities"]) == pytest.approx(1.0, abs=1e-9)
 
 
