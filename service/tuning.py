@@ -1,20 +1,27 @@
-"""Process-level tuning for serving MC dropout: glibc malloc thresholds.
+"""Process-level tuning for serving MC dropout: glibc malloc thresholds, the garbage collector.
 
-Every MC call allocates fresh activation and mask tensors of a few MB. With glibc's default
-(dynamic) thresholds such blocks are mapped from the kernel and given back when freed, so their
-pages fault in again on the next call (~1,500 minor page faults per call for the textbook net at
-batch 64, T = 100: bench/mc_engine.py section 2d). Raising the mmap threshold to 64 MiB serves them
+An MC call on the general (torch) path allocates fresh activation and mask tensors of a few MB
+(the fused CPU path, per-block buffers of under 1 MiB). With glibc's default (dynamic) thresholds
+such blocks are mapped from the kernel and given back when freed, so their pages fault in again
+on the next call (~1,500 minor page faults per call for the textbook net at batch 64, T = 100, on
+the general path: bench/mc_engine.py section 2d). Raising the mmap threshold to 64 MiB serves them
 from the heap, and raising the trim threshold to 256 MiB keeps freed heap pages for reuse; the price
 is up to ~256 MiB of freed memory the process keeps instead of returning it to the kernel.
 
 Call :func:`tune_allocator` once at process start (API lifespan, worker start). It is the same as
 setting ``MALLOC_MMAP_THRESHOLD_=67108864`` and ``MALLOC_TRIM_THRESHOLD_=268435456`` in the
 environment, which only works before the process starts.
+
+:func:`tune_garbage_collector` (API lifespan): every request allocates thousands of container
+objects (ASGI scopes, pydantic models, futures), so with Python's default threshold (700) the
+youngest generation is collected every few requests, and each older collection walks everything
+the process built at start-up (FastAPI, torch, the models): ~10 % of the API's CPU under load.
 """
 
 from __future__ import annotations
 
 import ctypes
+import gc
 import platform
 import sys
 import threading
@@ -64,3 +71,21 @@ def tune_allocator() -> bool:
             except Exception:  # any ctypes/OS failure: leave the allocator as it is
                 _applied = False
         return _applied
+
+
+_gc_tuned = False
+
+
+def tune_garbage_collector(threshold: int) -> bool:
+    """Once per process: freeze what exists now (start-up objects are never traversed again;
+    cycles among them are never collected) and collect the youngest generation every
+    ``threshold`` net container allocations; ``threshold`` 0 leaves Python's defaults. True if
+    this call tuned it."""
+    global _gc_tuned
+    with _lock:
+        if _gc_tuned or threshold <= 0:
+            return False
+        gc.freeze()
+        gc.set_threshold(threshold, *gc.get_threshold()[1:])
+        _gc_tuned = True
+        return True

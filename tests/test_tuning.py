@@ -48,3 +48,24 @@ def test_never_raises_when_libc_is_unreachable(monkeypatch):
     monkeypatch.setattr(tuning, "_is_glibc_linux", lambda: True)
     assert tuning.tune_allocator() is False
     assert tuning.tune_allocator() is False
+
+
+def test_the_garbage_collector_is_tuned_once_per_process():
+    script = textwrap.dedent("""
+        import gc
+        from service import tuning
+        default = gc.get_threshold()
+        assert tuning.tune_garbage_collector(0) is False and gc.get_threshold() == default
+        frozen = gc.get_freeze_count()
+        assert tuning.tune_garbage_collector(50_000) is True
+        assert gc.get_threshold() == (50_000, *default[1:])
+        assert gc.get_freeze_count() > frozen  # what existed at start-up is out of collection
+        assert tuning.tune_garbage_collector(1_000) is False and gc.get_threshold()[0] == 50_000
+        class Cycle:
+            pass
+        a, b = Cycle(), Cycle()
+        a.other, b.other = b, a
+        del a, b
+        assert gc.collect() >= 2  # cycles made after the freeze are still collected
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import torch
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 
 from service.api.errors import install_error_handlers
 from service.api.routes import batch_predictions, dashboard, datasets, events, health, keys, models, queue, runs, sweeps, v2
@@ -18,7 +18,7 @@ from service.jobs.reconciler import ReconcilerThread
 from service.observability import http as observability
 from service.registry.serving import AliasRefresher, ServingAliases
 from service.runs.inference import ModelCache
-from service.tuning import tune_allocator
+from service.tuning import tune_allocator, tune_garbage_collector
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             torch.set_num_threads(settings.api_torch_threads)
         tune_allocator()  # MC calls reuse heap pages instead of faulting in fresh ones
         await asyncio.to_thread(app.state.model_cache.warm_up)  # the MC kernels, before the first prediction
+        tune_garbage_collector(settings.api_gc_threshold)  # after the warm-up: its objects are frozen too
         if not settings.auth_enabled:
             log.warning(
                 "auth is OFF (MCDROP_AUTH=off, embedded server on loopback): every caller is tenant %r",
@@ -65,6 +66,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.key_cache = KeyCache(settings.auth_cache_s)
     install_error_handlers(app)
     observability.install(app, settings)  # X-Request-ID, request metrics, GET /metrics, CORS
-    for module in (health, keys, datasets, runs, events, sweeps, queue, dashboard, models, v2, batch_predictions):
-        app.include_router(module.router)
+    # Starlette tries routes in order, ~1-2 µs each: the serving routers first (the predict
+    # routes lead theirs), so that a prediction is matched after a handful of tries.
+    for module in (runs, models, v2, batch_predictions, health, keys, datasets, events, sweeps, queue, dashboard):
+        _add_routes(app, module.router)
     return app
+
+
+def _add_routes(app: FastAPI, router: APIRouter) -> None:
+    """The router's routes on the app's own router, as ``include_router`` did before FastAPI kept
+    included routers as nodes: those are matched through per-request context objects, ~35 µs of
+    CPU per predict request here (a fifth of the API's). Our routers carry nothing but a prefix,
+    tags and include_in_schema, which their routes already have; anything more is refused here
+    rather than silently dropped."""
+    plain = APIRouter(prefix=router.prefix, tags=router.tags, include_in_schema=router.include_in_schema)
+    for setting in ("dependencies", "responses", "callbacks", "default_response_class", "route_class",
+                    "generate_unique_id_function", "deprecated", "redirect_slashes"):
+        if getattr(router, setting) != getattr(plain, setting):
+            raise RuntimeError(f"router {router.prefix or '/'} sets {setting}: include it with include_router")
+    app.router.routes.extend(router.routes)
