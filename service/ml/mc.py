@@ -400,6 +400,7 @@ class _Compiled(NamedTuple):
     device: torch.device
     prefix: list[Callable[[Tensor], Tensor]]  # the layers before the first dropout, computed once per call
     suffix: list[nn.Module]
+    deterministic: list[Callable[[Tensor], Tensor]]  # the suffix with dropout off (in eval mode)
     steps: list[_Step]  # the general path's plan of the suffix
     fused: _FusedPlan | None  # the fused CPU path's, where the suffix has its shape
 
@@ -422,8 +423,8 @@ def _state(modules: tuple[nn.Module, ...]) -> tuple[float, ...]:
 
 
 def _prefix_step(module: nn.Module) -> Callable[[Tensor], Tensor]:
-    """``module``'s forward, without nn.Module's call machinery for a Linear or a ReLU (no hooks to
-    run on these nets; a few µs per layer of a batch-1 prediction)."""
+    """``module``'s forward in eval mode, without nn.Module's call machinery for a Linear or a ReLU
+    (no hooks to run on these; a few µs per layer of a batch-1 prediction)."""
     if type(module) is nn.Linear and not (module._forward_hooks or module._forward_pre_hooks):
         return lambda h: F.linear(h, module.weight, module.bias)
     if type(module) is nn.ReLU and not (module._forward_hooks or module._forward_pre_hooks):
@@ -450,7 +451,9 @@ def _compiled(net: nn.Sequential) -> _Compiled:
         steps = _plan(suffix) if suffix else []
     compiled = _Compiled(
         children, modules, tuple(t for m in modules for t in m._parameters.values() if t is not None),
-        _state(modules), _device_of(net), [_prefix_step(m) for m in children[:first]], suffix, steps, fused)
+        _state(modules), _device_of(net), [_prefix_step(m) for m in children[:first]], suffix,
+        [_prefix_step(m) for m in suffix  # dropout is the identity in eval mode (hooks aside)
+         if not (isinstance(m, _DropoutNd) and not (m._forward_hooks or m._forward_pre_hooks))], steps, fused)
     _COMPILED[net] = compiled
     return compiled
 
@@ -549,6 +552,16 @@ def deterministic_outputs(net: nn.Module, x: Tensor | np.ndarray) -> Tensor:
     """Outputs ``[B, n_out]`` with dropout off: the weight-scaling rule for inverted dropout."""
     x = _as_input(net, x)
     with torch.inference_mode(), _eval_mode(net):
+        if isinstance(net, nn.Sequential):
+            try:
+                compiled = _compiled(net)
+            except ValueError:  # a layout the sampler refuses: the net's own forward
+                return net(x)
+            for step in compiled.prefix:
+                x = step(x)
+            for step in compiled.deterministic:
+                x = step(x)
+            return x
         return net(x)
 
 
