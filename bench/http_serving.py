@@ -170,7 +170,13 @@ def bare_app():  # noqa: ANN201 - a FastAPI app, imported lazily
 def _serve_bare(port: int) -> None:
     import uvicorn
 
-    # The same uvicorn.Config as service.cli._run_api (loop and http "auto": uvloop, httptools).
+    from service.config import Settings
+    from service.tuning import tune_garbage_collector
+
+    # The same process settings as the API's: its garbage-collector tuning (the API's lifespan
+    # applies it), and the same uvicorn.Config as service.cli._run_api (loop and http "auto":
+    # uvloop, httptools).
+    tune_garbage_collector(Settings.model_fields["api_gc_threshold"].default)
     config = uvicorn.Config(bare_app(), host="127.0.0.1", port=port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=10)
     uvicorn.Server(config).run()
@@ -803,8 +809,10 @@ def _ceiling_section(ceiling: dict[int, Load], on: dict[int, Load], noise: str) 
              "README textbook digits classifier, T = 100, one input per request, no seed, micro-batching on (the "
              "default); with everything a request goes through in the product: the request-id and metrics "
              "middlewares, the predict route's lean handler (service.api.fast_routes: the same validation and "
-             "errors as FastAPI's, without its per-request dependency solving), the MC prediction and its "
-             "summaries. Server CPU: µs of the server process's CPU time (all threads) per answered request."]
+             "errors as FastAPI's, without its per-request dependency solving), the MC prediction (the fused CPU "
+             "engine, section 2b) and its summaries. Both servers run with the API's garbage-collector tuning "
+             "(service.tuning.tune_garbage_collector, MCDROP_API_GC_THRESHOLD). Server CPU: µs of the server "
+             "process's CPU time (all threads) per answered request."]
     return Section(
         key="http-serving",
         title="3. API predict throughput and latency vs the HTTP ceiling (T = 100, batch 1)",

@@ -1,26 +1,34 @@
-"""1-2. The MC dropout engine: speed against a plain loop, and GFLOP/s against a plain matmul.
+"""1-2. The MC dropout engine: speed against a plain loop, GFLOP/s against a plain matmul, and why.
 
 1. ``service.ml.mc.sample_outputs`` (T passes as one batched forward, the part before the first
    dropout computed once, masks from a private generator) against ``sample_outputs_loop``
    (T separate forwards), T = 100, batch 1 and 64.
 2. The engine's achieved GFLOP/s (Linear FLOPs counted analytically: 2·m·n·k per layer over the
    T passes, the cached prefix once) against ``torch.matmul`` of a comparable shape
-   ``[T·B, width] @ [width, width]`` measured in the same run, float32, same threads.
+   ``[T·B, width] @ [width, width]`` measured in the same run, float32, same threads; and the
+   ceiling of any engine making the same BLAS calls ("layers alone": the net's own Linear layers
+   as ``torch.mm`` with ``out=`` on the engine's blocks of rows, no masks, bias or activation).
+
+On the CPU every row measures the fused path (float32 nets shaped ``Dropout (Linear [act]
+[Dropout])*`` after the cached prefix, i.e. every built-in net): blocks of rows that stay in
+cache, ``torch.mm`` (MKL) for the Linear layers and the numba kernels of
+``service.ml.mc_kernels`` drawing and applying masks, bias and ReLU in one pass. CPU-only
+sections explain the numbers:
+
+* 2b. the fused path against the general torch path (``sample_outputs(..., fused=False)``),
+  batch 1, 16 and 64, both thread settings;
+* 2c. where the time of a batch-64 call goes at 1 thread: BLAS (the layers alone), the mask
+  kernels (the call's time minus its time with the kernels replaced by no-ops) and the rest;
+* 2d. the effect of the glibc malloc tuning on page faults.
 
 Both networks: the README's textbook classifier (64 → 64 ReLU → dropout 0.5 → 64 ReLU →
 dropout 0.5 → 10) and the UCI regression net (13 → dropout 0.05 → 50 ReLU → dropout 0.05 → 1).
 Both thread settings: 1 thread (how the API serves) and torch's default.
 
-Also here: a profile of where the engine's time goes (2c) and the effect of the glibc malloc
-tuning (2d). The bench calls ``service.tuning.tune_allocator()`` first, as the API and the
-workers do at start-up, so sections 1, 2 and 2c measure the engine as it is served; mallopt is
-process-wide, so under ``python -m bench`` the modules after this one run tuned too. Section 2d
-compares two fresh processes, one left at glibc's defaults and one tuned.
-
-(The bench-only PROTOTYPE engine that used to be measured here is superseded: its techniques —
-16-bit mask lanes, one random bit per unit for p = 0.5, 1/keep folded into the next Linear,
-in-place activations and masks, a narrow last layer as W @ hᵀ — are now in
-service.ml.mc.sample_outputs, which every row here measures.)
+The bench calls ``service.tuning.tune_allocator()`` first, as the API and the workers do at
+start-up, so sections 1 to 2c measure the engine as it is served; mallopt is process-wide, so
+under ``python -m bench`` the modules after this one run tuned too. Section 2d compares two
+fresh processes, one left at glibc's defaults and one tuned.
 
 ``python -m bench.mc_engine [--quick]`` prints the sections.
 """
@@ -38,12 +46,14 @@ import torch
 from torch import nn
 
 from bench.report import Section
+from service.ml import mc
 from service.ml.mc import sample_outputs, sample_outputs_loop
 from service.ml.nets import NetworkSpec, build_network
 from service.tuning import tune_allocator
 
 SAMPLES = 100  # T
 BATCHES = (1, 64)
+PATH_BATCHES = (1, 16, 64)  # section 2b
 SPEEDUP_TARGET = 15.0
 PEAK_FRACTION_TARGET = 0.5
 SEED = 7
@@ -139,6 +149,61 @@ def matmul_gflops(rows: int, width: int, device: torch.device, *, quick: bool) -
     return 2 * rows * width * width / seconds / 1e9
 
 
+def split_linears(net: nn.Sequential) -> tuple[list[nn.Linear], list[nn.Linear]]:
+    """The Linear layers before the first sampled dropout (the cached prefix) and after it."""
+    modules = list(net)
+    first = next((i for i, m in enumerate(modules) if isinstance(m, nn.Dropout) and m.p > 0), len(modules))
+    return ([m for m in modules[:first] if isinstance(m, nn.Linear)],
+            [m for m in modules[first:] if isinstance(m, nn.Linear)])
+
+
+def engine_block_rows(net: nn.Sequential, batch: int, samples: int, device: torch.device) -> int:
+    """Rows per block as ``sample_outputs`` (default ``max_elements``) splits the T·B rows: on the
+    CPU the fused path's ``min(T·B, 65536 // widest)``; elsewhere the general path's chunks of
+    ``max_elements // (B·widest)`` samples. ``widest``: the widest activation after the prefix."""
+    _, suffix = split_linears(net)
+    widest = max([suffix[0].in_features] + [m.out_features for m in suffix])
+    total, max_elements = samples * batch, 2**24
+    if device.type == "cpu":  # every built-in float32 net takes the fused path there
+        return max(1, min(total, min(mc._FUSED_BLOCK_ELEMENTS, max_elements) // widest))
+    chunk = max(1, max_elements // max(1, batch * widest))
+    return min(chunk, samples) * batch
+
+
+class LayersAlone:
+    """The net's own Linear layers computed the way the engine's fused path computes them, with
+    no masks, bias or activation: the prefix Linear layers once over B rows, then each Linear after
+    the prefix as ``torch.mm(h, Wᵀ, out=...)`` on blocks of :func:`engine_block_rows` rows over the
+    T·B rows (the last layer into a ``[T·B, n_out]`` output, hidden ones into per-block buffers).
+    Same FLOPs as :func:`linear_flops`."""
+
+    def __init__(self, net: nn.Sequential, batch: int, samples: int, device: torch.device) -> None:
+        prefix, suffix = split_linears(net)
+        generator = torch.Generator(device=device).manual_seed(5)
+        self.total = samples * batch
+        self.block = engine_block_rows(net, batch, samples, device)
+        with torch.no_grad():
+            self.prefix = [(torch.randn(batch, m.in_features, generator=generator, device=device),
+                            m.weight.detach().t().contiguous(), torch.empty(batch, m.out_features, device=device))
+                           for m in prefix]
+            weights = [m.weight.detach().t().contiguous() for m in suffix]
+        self.input = torch.randn(self.block, suffix[0].in_features, generator=generator, device=device)
+        self.hidden = [(w, torch.empty(self.block, w.shape[1], device=device)) for w in weights[:-1]]
+        self.last = weights[-1]
+        self.output = torch.empty(self.total, self.last.shape[1], device=device)
+
+    def __call__(self) -> None:
+        for x, weight_t, out in self.prefix:
+            torch.mm(x, weight_t, out=out)
+        block, total = self.block, self.total
+        for start in range(0, total, block):
+            n = min(block, total - start)
+            h = self.input if n == block else self.input[:n]
+            for weight_t, out in self.hidden:
+                h = torch.mm(h, weight_t, out=out if n == block else out[:n])
+            torch.mm(h, self.last, out=self.output[start : start + n])
+
+
 def load_average() -> str:
     try:
         return "/".join(f"{value:.2f}" for value in os.getloadavg())
@@ -154,6 +219,7 @@ class Measurement:
     batch: int
     engine_s: float
     loop_s: float
+    layers_s: float  # LayersAlone: the BLAS calls of the engine, nothing else
     flops: int
     matmul_gflops: float
 
@@ -179,49 +245,73 @@ def measure(quick: bool = False, device: str | torch.device = "cpu",
                     x = torch.randn(batch, network.spec.n_inputs, generator=generator).to(device)
                     engine = seconds_per_call(lambda: sample_outputs(net, x, SAMPLES, SEED), quick=quick, sync=sync)
                     loop = seconds_per_call(lambda: sample_outputs_loop(net, x, SAMPLES, SEED), quick=quick, sync=sync)
+                    layers = seconds_per_call(LayersAlone(net, batch, SAMPLES, device), quick=quick, sync=sync)
                     results.append(Measurement(
-                        network, label, batch, engine, loop, linear_flops(net, batch, SAMPLES),
+                        network, label, batch, engine, loop, layers, linear_flops(net, batch, SAMPLES),
                         matmul_gflops(SAMPLES * batch, network.width, device, quick=quick),
                     ))
     return results
 
 
-def profile(
-    device: torch.device, batch: int = 64, calls: int = 20, top: int = 6
-) -> tuple[list[list[object]], list[str]]:
-    """Self CPU time per aten op for the engine (1 thread): where the time goes.
-
-    Returns the table rows (top ops) and one summary line per network.
-    """
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
+def path_comparison(quick: bool, threads: list[tuple[str, int]] | None = None) -> list[list[object]]:
+    """Rows of 2b: ms per call of the fused CPU path and of the general torch path, same net,
+    inputs, seed and threads, measured back to back."""
     rows: list[list[object]] = []
-    summary: list[str] = []
+    for label, count in threads or thread_settings():
+        with torch_threads(count):
+            for network in NETWORKS:
+                net = build_network(network.spec, seed=0)
+                generator = torch.Generator().manual_seed(2)
+                for batch in PATH_BATCHES:
+                    x = torch.randn(batch, network.spec.n_inputs, generator=generator)
+                    fused = seconds_per_call(lambda: sample_outputs(net, x, SAMPLES, SEED, fused=True), quick=quick)
+                    general = seconds_per_call(lambda: sample_outputs(net, x, SAMPLES, SEED, fused=False), quick=quick)
+                    rows.append([network.name, label, batch, fused * 1e3, general * 1e3, general / fused])
+    return rows
+
+
+@contextlib.contextmanager
+def mask_kernels_disabled() -> Iterator[None]:
+    """Replace the fused path's two numba kernels by no-op Python functions for the block (the
+    engine then runs its blocks, matmuls and allocations on whatever the buffers hold)."""
+    kernels = mc._kernels()
+    saved = kernels.broadcast_dropout, kernels.bias_activation_dropout
+
+    def no_op(*args: object) -> None:
+        return None
+
+    kernels.broadcast_dropout = no_op
+    kernels.bias_activation_dropout = no_op
+    try:
+        yield
+    finally:
+        kernels.broadcast_dropout, kernels.bias_activation_dropout = saved
+
+
+def time_split(quick: bool, batch: int = 64) -> list[dict[str, float]]:
+    """2c: per network, at 1 thread, seconds per call of the engine, of the engine with the mask
+    kernels as no-ops, and of its BLAS calls alone (LayersAlone); each the median of a few rounds
+    measured back to back, so that the machine's load changes little between the three."""
+    rounds = 1 if quick else 3
+    results: list[dict[str, float]] = []
     with torch_threads(1):
         for network in NETWORKS:
-            net = build_network(network.spec, seed=0).to(device)
-            x = torch.randn(batch, network.spec.n_inputs, generator=torch.Generator().manual_seed(3)).to(device)
-            for _ in range(3):
-                sample_outputs(net, x, SAMPLES, SEED)
-            with torch_profile(activities=[ProfilerActivity.CPU]) as profiler:
-                for _ in range(calls):
-                    sample_outputs(net, x, SAMPLES, SEED)
-            events = [e for e in profiler.key_averages() if e.self_cpu_time_total > 0]
-            total = sum(e.self_cpu_time_total for e in events)
-            share = {e.key: e.self_cpu_time_total / total for e in events}
-            for event in sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]:
-                rows.append([network.name, event.key, event.self_cpu_time_total / calls,
-                             f"{100 * share[event.key]:.0f}%"])
-            masks = sum(share.get(op, 0.0) for op in _MASK_OPS)
-            matmuls = share.get("aten::addmm", 0.0)
-            summary.append(f"{network.name}: matmuls (aten::addmm) {100 * matmuls:.0f}%, "
-                           f"drawing masks ({', '.join(op for op in _MASK_OPS if op in share)}) {100 * masks:.0f}% "
-                           f"of {total / calls / 1e3:.2f} ms self CPU time per call")
-    return rows, summary
-
-
-_MASK_OPS = ("aten::random_", "aten::le", "aten::ne", "aten::bitwise_and")
+            net = build_network(network.spec, seed=0)
+            x = torch.randn(batch, network.spec.n_inputs, generator=torch.Generator().manual_seed(3))
+            layers = LayersAlone(net, batch, SAMPLES, torch.device("cpu"))
+            engine_s: list[float] = []
+            without_s: list[float] = []
+            layers_s: list[float] = []
+            for _ in range(rounds):
+                engine_s.append(seconds_per_call(lambda: sample_outputs(net, x, SAMPLES, SEED), quick=quick))
+                with mask_kernels_disabled():
+                    without_s.append(seconds_per_call(lambda: sample_outputs(net, x, SAMPLES, SEED), quick=quick))
+                layers_s.append(seconds_per_call(layers, quick=quick))
+            total = statistics.median(engine_s)
+            blas = statistics.median(layers_s)
+            kernels = total - statistics.median(without_s)
+            results.append({"total": total, "blas": blas, "kernels": kernels, "rest": total - blas - kernels})
+    return results
 
 
 def allocation_probe(quick: bool) -> dict[str, dict[str, float]]:
@@ -276,11 +366,16 @@ def allocation_section(quick: bool) -> Section:
                  "tuned ms/call", "tuned page faults/call", "tuned / matmul", "speed-up from tuning"],
         rows=rows,
         notes=["Tuned: service.tuning.tune_allocator() at start-up, i.e. mallopt(M_MMAP_THRESHOLD, 64 MiB) and "
-               "mallopt(M_TRIM_THRESHOLD, 256 MiB), as the API and the workers call it. Every call "
-               "allocates fresh activation and mask tensors of ~1.6 MB; with the default thresholds glibc maps "
-               "them from the kernel and gives them back, so each page faults in again on the next call. "
-               "Two fresh processes, one after the other, each measured the same way; \"/ matmul\" is the "
-               "share of that process's own matmul GFLOP/s (as in 2), the 50% target of item 2."],
+               "mallopt(M_TRIM_THRESHOLD, 256 MiB), as the API and the workers call it. A call of the fused path "
+               "allocates only per-block buffers of at most 256 KiB (64 Ki floats: the masked block and each hidden "
+               "layer's outputs, plus their mask words) and its [T·B, n_out] output (250 KiB for the textbook net, "
+               "25 KiB for the UCI net), under 1 MiB in all; glibc serves these from its heap even at its default "
+               "thresholds once the first calls are done, so there are few page faults either way and the tuning "
+               "changes little here. It still matters for the general path (fused=False, other nets and devices): "
+               "its activation and mask tensors span whole chunks of T samples (~1.6 MB each for the textbook net "
+               "at batch 64), which the default thresholds map from the kernel and give back, so their pages fault "
+               "in again on every call. Two fresh processes, one after the other, each measured the same way; "
+               "\"/ matmul\" is the share of that process's own matmul GFLOP/s (as in 2), the 50% target of item 2."],
     )
 
 
@@ -329,42 +424,99 @@ def run(quick: bool = False, device: str | torch.device = "cpu",
     flop_rows, flop_ok = [], []
     for m in results:
         fraction = m.gflops(m.engine_s) / m.matmul_gflops
+        ok = fraction >= PEAK_FRACTION_TARGET
         if m.batch == 64:
-            flop_ok.append(fraction >= PEAK_FRACTION_TARGET)
+            flop_ok.append(ok)
         flop_rows.append([m.network.name, m.threads, m.batch, m.flops / 1e6, m.engine_s * 1e3, m.gflops(m.engine_s),
                           f"[{SAMPLES * m.batch}, {m.network.width}] @ [{m.network.width}, {m.network.width}]",
-                          m.matmul_gflops, f"{100 * fraction:.0f}%"])
+                          m.matmul_gflops, f"{100 * fraction:.0f}%", ("yes" if ok else "no") if m.batch == 64 else "—",
+                          m.gflops(m.layers_s), f"{100 * m.gflops(m.layers_s) / m.matmul_gflops:.0f}%"])
+    of_ceiling = "; ".join(f"{m.network.name}, {m.threads} thread{'' if m.threads == '1' else 's'}: "
+                           f"{100 * m.layers_s / m.engine_s:.0f}%" for m in results if m.batch == 64)
+    if device.type == "cpu":
+        blocks = ", ".join(f"{engine_block_rows(build_network(n.spec), 64, SAMPLES, device):,} for the "
+                           f"{n.name.split(',')[0]} net" for n in NETWORKS)
+        engine_notes = [
+            "The engine here is sample_outputs' fused CPU path: the T·B rows go in blocks of min(T·B, 65536 / "
+            f"widest activation) rows (at batch 64: {blocks}) that stay in the core's "
+            "cache; per block, torch.mm (MKL) computes each Linear into a buffer of the block and one numba "
+            "kernel of service.ml.mc_kernels adds the bias, applies the ReLU and draws and applies the next "
+            "dropout's mask in one pass (the first dropout: one kernel broadcasts the cached prefix over the "
+            "samples and masks it).",
+            "Layers alone: the net's own Linear layers computed as the fused path computes them — torch.mm with "
+            "out= on blocks of the same rows over the T·B rows, the prefix Linear once over B rows — with no "
+            "masks, bias or activation: the ceiling of any engine that makes the same BLAS calls. The UCI net's "
+            "[·, 13] @ [13, 50] and [·, 50] @ [50, 1] are shapes the BLAS runs far below the square matmul of "
+            "the baseline, so its layers alone reach a much smaller share of the matmul than the textbook net's, "
+            "and that share bounds the engine's ratio however cheap the masks are.",
+            f"Engine GFLOP/s as a share of layers-alone GFLOP/s (how close the engine comes to that ceiling), "
+            f"batch 64: {of_ceiling}.",
+            "With more than one thread MKL parallelises the matmuls (the baseline's and the layers-alone ones) "
+            "but the mask kernels run on one core, so the engine's ratios are lower at torch's default threads "
+            "than at 1 thread.",
+        ]
+    else:
+        engine_notes = [
+            f"The engine here is sample_outputs' general path (torch ops over chunks of T samples){where}. "
+            "Layers alone: the net's own Linear layers as torch.mm with out= over the same rows per chunk, the "
+            "prefix Linear once, with no masks, bias or activation: the ceiling of an engine making those "
+            f"BLAS calls. Engine GFLOP/s as a share of layers-alone GFLOP/s, batch 64: {of_ceiling}.",
+        ]
     flops = Section(
         key="mc-engine-flops",
         title=f"2. MC engine GFLOP/s vs this machine's matmul GFLOP/s (float32, T = {SAMPLES}){where}",
         baseline="torch.matmul of [T·B, width] @ [width, width] (width = the widest hidden layer), float32, "
                  "same threads, measured in the same run",
         columns=["network", "threads", "batch", "engine MFLOP/call", "engine ms/call", "engine GFLOP/s",
-                 "matmul shape", "matmul GFLOP/s", "engine / matmul"],
+                 "matmul shape", "matmul GFLOP/s", "engine / matmul", ">= 50%", "layers alone GFLOP/s",
+                 "layers alone / matmul"],
         rows=flop_rows,
-        target=f">= {100 * PEAK_FRACTION_TARGET:.0f}% of matmul GFLOP/s at batch 64",
+        target=f">= {100 * PEAK_FRACTION_TARGET:.0f}% of matmul GFLOP/s at batch 64 (every thread setting)",
         met=all(flop_ok),
         notes=["FLOPs are the Linear layers' 2·m·n·k over the T passes; the layers before the first dropout "
-               "are counted once (they are computed once). Masks, ReLU and copies count as no FLOPs: they are "
-               "the overhead this ratio exposes. The UCI net does 22 Linear FLOPs per mask element (textbook: "
-               "75), so drawing its masks bounds it well below the matmul rate whatever the engine does.",
-               noise],
+               "are counted once (they are computed once). Masks, bias, ReLU and copies count as no FLOPs: they "
+               "are the overhead this ratio exposes. The UCI net does 22 Linear FLOPs per mask element "
+               "(textbook: 75)."] + engine_notes + [noise],
     )
 
     sections = [speed, flops]
     if device.type == "cpu":
-        profile_rows, profile_summary = profile(device)
+        load_before = load_average()
+        path_rows = path_comparison(quick, threads)
+        sections.append(Section(
+            key="mc-engine-paths",
+            title=f"2b. Fused CPU path vs the general torch path (T = {SAMPLES})",
+            baseline="sample_outputs(..., fused=False): the general path (torch ops over chunks of T samples, masks "
+                     "from 16-bit lanes of a torch.Generator), same net, inputs, seed and threads",
+            columns=["network", "threads", "batch", "fused ms/call", "general ms/call", "speed-up"],
+            rows=path_rows,
+            notes=["Both paths draw masks with the same distribution (different masks for the same seed). The two "
+                   "calls of a row are measured back to back. At torch's default threads both paths' matmuls are "
+                   "OpenMP parallel regions, so another process on the cores slows them by uneven amounts (see 1).",
+                   f"Load average (1/5/15 min) {load_before} before, {load_average()} after: the machine is shared, "
+                   "so compare ratios, not absolute times."],
+        ))
+        split = time_split(quick)
+        split_rows = []
+        for network, part in zip(NETWORKS, split):
+            total = part["total"]
+            split_rows.append([network.name, total * 1e6]
+                              + [value for key in ("blas", "kernels", "rest")
+                                 for value in (part[key] * 1e6, f"{100 * part[key] / total:.0f}%")])
         sections.append(Section(
             key="mc-engine-profile",
-            title=f"2c. Where the time goes: batch 64, T = {SAMPLES}, 1 thread (torch.profiler, self CPU time)",
-            baseline="the engine's total self CPU time per call (shares add up to 100% per network)",
-            columns=["network", "aten op", "µs/call", "share"],
-            rows=profile_rows,
-            notes=profile_summary + [
-                "Masks: aten::random_ draws the int64 words (16-bit lanes, or single bits for p = 0.5), "
-                "aten::le / aten::bitwise_and + aten::ne turn them into 0/1 floats; the narrow last layer's "
-                "transposing copy is an aten::copy_. With glibc's default malloc thresholds these ops also "
-                "pay for page faults on freshly mapped memory: see 2d."],
+            title=f"2c. Where the time goes: batch 64, T = {SAMPLES}, 1 thread",
+            baseline="the engine's time per call (sample_outputs, fused path); the three shares add up to 100%",
+            columns=["network", "engine µs/call", "BLAS µs/call", "BLAS share", "mask kernels µs/call",
+                     "mask kernels share", "rest µs/call", "rest share"],
+            rows=split_rows,
+            notes=["BLAS: the layers-alone time of section 2 (torch.mm with out= on the engine's blocks, no masks, "
+                   "bias or activation), measured here. Mask kernels: the call's time minus its time with "
+                   "service.ml.mc_kernels.broadcast_dropout and .bias_activation_dropout replaced by no-op Python "
+                   "functions (numba's per-call dispatch counts as kernel time). Rest: engine − BLAS − kernels — "
+                   "Python, allocations, the key draw, the cached prefix. Each is the median of "
+                   f"{1 if quick else 3} round(s) of the three measured back to back; noise can make a small share "
+                   "negative."],
         ))
         sections.append(allocation_section(quick))
     return sections
