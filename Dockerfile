@@ -55,7 +55,12 @@ RUN pip install --no-cache-dir --no-deps --force-reinstall -c constraints.txt . 
 
 ENV MCDROP_HOST=0.0.0.0 \
     MCDROP_PORT=8000 \
-    MCDROP_DATA_DIR=/var/lib/mcdrop
+    MCDROP_DATA_DIR=/var/lib/mcdrop \
+    NUMBA_CACHE_DIR=/tmp/numba-cache
+
+# NUMBA_CACHE_DIR: the MC engine's CPU kernels (service/ml/mc_kernels.py) are compiled for the
+# host's CPU at the first start of a container (~1-2 s, in the API's and the worker's warm-up)
+# and cached there; site-packages is not writable by the mcdrop user.
 
 # MCDROP_DATA_DIR (datasets, checkpoints, models). Mount a volume here; a fresh named volume
 # starts as a copy of this mcdrop-owned directory, so the non-root user can write to it.
