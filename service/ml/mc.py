@@ -493,6 +493,24 @@ def sample_outputs(
     The two paths draw different masks for the same seed. Without a seed the masks use fresh OS
     randomness.
     """
+    return _sample(net, x, samples, seed, max_elements=max_elements, fused=fused, deterministic=False)[0]
+
+
+def sample_outputs_and_deterministic(
+    net: nn.Sequential, x: Tensor | np.ndarray, samples: int, seed: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`sample_outputs` and :func:`deterministic_outputs` of the same inputs in one call (the
+    same samples as ``sample_outputs`` with this seed): the net's kept plan is checked, the inputs
+    converted and the part before the first dropout computed once for both."""
+    outputs, deterministic = _sample(net, x, samples, seed, max_elements=2**24, fused=True, deterministic=True)
+    assert deterministic is not None
+    return outputs, deterministic
+
+
+def _sample(
+    net: nn.Sequential, x: Tensor | np.ndarray, samples: int, seed: int | None, *, max_elements: int,
+    fused: bool, deterministic: bool,
+) -> tuple[Tensor, Tensor | None]:
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     if not isinstance(net, nn.Sequential):
@@ -506,25 +524,36 @@ def sample_outputs(
         prefix = x
         for step in compiled.prefix:
             prefix = step(prefix)
-        rows = prefix.shape[0]
-        if not compiled.suffix:
-            return prefix.unsqueeze(0).expand(samples, *prefix.shape).clone()
-        if fused and compiled.fused is not None and prefix.device.type == "cpu" and prefix.dtype == torch.float32:
-            return _run_fused(prefix, compiled.fused, samples, generator, max_elements).view(samples, rows, -1)
-        steps, suffix = compiled.steps, compiled.suffix
-        widest = max([prefix.shape[-1]] + [m.out_features for m in suffix if isinstance(m, nn.Linear)])
-        chunk = max(1, max_elements // max(1, rows * widest))
-        if chunk >= samples:
-            return _run_chunk(prefix, steps, samples, generator).view(samples, rows, -1)
-        output: Tensor | None = None
-        for start in range(0, samples, chunk):
-            t = min(chunk, samples - start)
-            hidden = _run_chunk(prefix, steps, t, generator).view(t, rows, -1)
-            if output is None:
-                output = hidden.new_empty((samples, *hidden.shape[1:]))
-            output[start : start + t] = hidden
-        assert output is not None
-        return output
+        dropout_off = None
+        if deterministic:
+            dropout_off = prefix
+            for step in compiled.deterministic:
+                dropout_off = step(dropout_off)
+        return _sample_suffix(compiled, prefix, samples, generator, max_elements, fused), dropout_off
+
+
+def _sample_suffix(compiled: _Compiled, prefix: Tensor, samples: int, generator: torch.Generator,
+                   max_elements: int, fused: bool) -> Tensor:
+    """The T passes of the suffix over ``prefix [rows, width]``: ``[T, rows, n_out]``."""
+    rows = prefix.shape[0]
+    if not compiled.suffix:
+        return prefix.unsqueeze(0).expand(samples, *prefix.shape).clone()
+    if fused and compiled.fused is not None and prefix.device.type == "cpu" and prefix.dtype == torch.float32:
+        return _run_fused(prefix, compiled.fused, samples, generator, max_elements).view(samples, rows, -1)
+    steps, suffix = compiled.steps, compiled.suffix
+    widest = max([prefix.shape[-1]] + [m.out_features for m in suffix if isinstance(m, nn.Linear)])
+    chunk = max(1, max_elements // max(1, rows * widest))
+    if chunk >= samples:
+        return _run_chunk(prefix, steps, samples, generator).view(samples, rows, -1)
+    output: Tensor | None = None
+    for start in range(0, samples, chunk):
+        t = min(chunk, samples - start)
+        hidden = _run_chunk(prefix, steps, t, generator).view(t, rows, -1)
+        if output is None:
+            output = hidden.new_empty((samples, *hidden.shape[1:]))
+        output[start : start + t] = hidden
+    assert output is not None
+    return output
 
 
 def warm_up() -> None:

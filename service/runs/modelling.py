@@ -19,7 +19,7 @@ from service.ml.evaluation import evaluate_classification, evaluate_regression
 from service.ml.mc import (
     deterministic_outputs,
     heteroscedastic_to_original_units,
-    sample_outputs,
+    sample_outputs_and_deterministic,
     summarize_classification,
     summarize_regression,
     summarize_regression_heteroscedastic,
@@ -110,8 +110,7 @@ class TrainedModel:
     def predict(self, features: np.ndarray, samples: int, seed: int | None) -> list[dict[str, Any]]:
         """MC dropout prediction, one dict per input row (fields of the API's outputs)."""
         x = self._inputs(features)
-        outputs = sample_outputs(self.net, x, samples, seed)
-        deterministic = deterministic_outputs(self.net, x)
+        outputs, deterministic = sample_outputs_and_deterministic(self.net, x, samples, seed)
         if self.task == "classification":
             summary = summarize_classification(outputs)
             det_probabilities = torch.softmax(deterministic.to(torch.float64), dim=-1).cpu().numpy()
@@ -153,8 +152,7 @@ class TrainedModel:
     def evaluate(self, features: np.ndarray, target: np.ndarray, *, samples: int, seed: int) -> dict[str, Any]:
         """Held-out metrics, MC dropout beside the deterministic net (service.ml.evaluation)."""
         x = self._inputs(features)
-        outputs = sample_outputs(self.net, x, samples, seed)
-        deterministic = deterministic_outputs(self.net, x)
+        outputs, deterministic = sample_outputs_and_deterministic(self.net, x, samples, seed)
         if self.task == "classification":
             return evaluate_classification(outputs, deterministic, np.asarray(target))
         if self.heteroscedastic:

@@ -165,3 +165,13 @@ def test_the_kept_plan_follows_changes_to_the_net():
 def test_importing_the_engine_does_not_import_numba():
     code = "import sys, service.ml.mc, service.runs.modelling; sys.exit('numba' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+
+
+@pytest.mark.parametrize("fused_net", [True, False])
+def test_samples_and_deterministic_in_one_call_equal_the_two_calls(fused_net):
+    net = build_network(NETS["tanh"], seed=4) if fused_net else nn.Sequential(
+        nn.Linear(5, 16), nn.ReLU(), nn.Dropout(0.3), nn.LayerNorm(16), nn.Linear(16, 2))
+    x = inputs()
+    outputs, deterministic = mc.sample_outputs_and_deterministic(net, x, 300, seed=9)
+    assert torch.equal(outputs, sample_outputs(net, x, 300, seed=9))
+    assert torch.equal(deterministic, deterministic_outputs(net, x))
