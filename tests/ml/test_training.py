@@ -96,6 +96,29 @@ def test_resume_from_checkpoint_is_bit_identical(optimizer):
     assert_same_tensors(resumed.net.state_dict(), uninterrupted.net.state_dict())
 
 
+def test_a_checkpoint_of_the_unfused_optimizer_resumes_with_it_bit_identically():
+    """Checkpoints written before the Trainer used torch's fused optimizer kernels (or by a build
+    without them) carry their implementation, so a resumed run ends as the uninterrupted one."""
+    config = TrainingConfig(epochs=4, batch_size=16, learning_rate=1e-2, seed=3)
+
+    def unfused(trainer: Trainer) -> Trainer:
+        trainer.optimizer = torch.optim.Adam(trainer.net.parameters(), lr=config.learning_rate)
+        return trainer
+
+    assert make_trainer(config).optimizer.param_groups[0]["fused"] is True
+    uninterrupted = unfused(make_trainer(config))
+    fit(uninterrupted)
+    first = unfused(make_trainer(config))
+    checkpoints = []
+    with pytest.raises(TrainingCancelled):
+        fit(first, on_epoch=lambda metrics: checkpoints.append(_saved(first)), should_stop=lambda: len(checkpoints) == 2)
+    resumed = make_trainer(config, net_seed=99)
+    resumed.load_state_dict(torch.load(io.BytesIO(checkpoints[-1]), weights_only=True))
+    assert not resumed.optimizer.param_groups[0]["fused"]
+    fit(resumed)
+    assert_same_tensors(resumed.net.state_dict(), uninterrupted.net.state_dict())
+
+
 def _saved(trainer: Trainer) -> bytes:
     buffer = io.BytesIO()
     torch.save(trainer.state_dict(), buffer)
