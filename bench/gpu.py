@@ -2,7 +2,8 @@
 
 1-2. The MC engine vs a plain loop of T forwards, and its GFLOP/s vs a CUDA matmul
      (bench.mc_engine, run on the GPU; float32, TF32 as torch's default leaves it).
-6.   The service's Trainer vs a plain PyTorch loop, both in this process on the GPU.
+6.   Training through the service (``mcdrop up``, a worker training on the GPU) and the service's
+     Trainer in this process vs a plain PyTorch loop on the GPU.
      Sweep engine: ``service.ml.sweep.train_stacked`` vs the Trainer one net after another, small.
 
 On a machine without CUDA it prints one "no CUDA device" line and exits 0. ``make bench`` (the
@@ -96,7 +97,7 @@ def run(quick: bool = False, device: str | torch.device = "cuda") -> list[Sectio
     parts = [
         ("MC engine (items 1-2)",
          lambda: mc_engine.run(quick, device, threads=[(f"default ({threads})", threads)])),
-        ("training (item 6, in process)", lambda: [training_throughput.in_process_section(quick, device)]),
+        ("training (item 6)", lambda: [training_throughput.device_section(quick, device)]),
         ("sweep engine", lambda: [sweep_section(quick, device)]),
     ]
     sections: list[Section] = []

@@ -131,9 +131,10 @@ class ServiceRun:
 
 
 def through_the_service(epochs: int, timeout_s: float, worker_threads: int | None = None,
-                        repetitions: int = 3) -> ServiceRun:
+                        repetitions: int = 3, device: str = "cpu") -> ServiceRun:
     """``repetitions`` runs, one after another, through one fresh ``mcdrop up``: the median of each
-    measure (as the plain loop's). ``worker_threads`` sets MCDROP_WORKER_TORCH_THREADS."""
+    measure (as the plain loop's). ``worker_threads`` sets MCDROP_WORKER_TORCH_THREADS; ``device``
+    is the runs' ``device`` (cpu, or cuda for the worker's GPU)."""
     import httpx
 
     from bench.server import embedded_server, wait_until_done
@@ -148,7 +149,7 @@ def through_the_service(epochs: int, timeout_s: float, worker_threads: int | Non
         for _ in range(repetitions):
             submitted = time.perf_counter()
             run = http.post("/v1/runs", json={"dataset_id": dataset.json()["id"], "model": TEXTBOOK_MODEL,
-                                              "training": training_spec(epochs), "device": "cpu"})
+                                              "training": training_spec(epochs), "device": device})
             run.raise_for_status()
             run_id = run.json()["id"]
             body = wait_until_done(http, f"/v1/runs/{run_id}", timeout_s=timeout_s, poll_s=0.5)
@@ -165,8 +166,9 @@ def through_the_service(epochs: int, timeout_s: float, worker_threads: int | Non
                       statistics.median(m.submit_to_done_s for m in measured), epochs, measured[0].device)
 
 
-def in_process_section(quick: bool, device: str | torch.device) -> Section:
-    """The service's Trainer vs the plain loop, both in this process on ``device`` (used by bench.gpu)."""
+def device_section(quick: bool, device: str | torch.device) -> Section:
+    """Item 6 on ``device`` (used by bench.gpu): the plain loop in this process vs the service's
+    Trainer in this process and vs runs through ``mcdrop up`` whose worker trains on ``device``."""
     device = torch.device(device)
     epochs = epochs_for(quick)
     job = service_job(epochs, device)
@@ -174,21 +176,32 @@ def in_process_section(quick: bool, device: str | torch.device) -> Section:
     plain_loop(x, y, 1)  # warm-up (CUDA context, kernels)
     before = baseline(x, y, epochs, 3)
     training_s, fit_s, rows = in_process_trainer(epochs, device)
+    service = through_the_service(epochs, 120 if quick else 600, device=device.type)
     after = baseline(x, y, epochs, 3)
     base = statistics.median([before.samples_per_s, after.samples_per_s])
-    trainer_rate, fit_rate = rows * epochs / training_s, rows * epochs / fit_s
+
+    def row(path: str, seconds: float, counts: bool) -> list[object]:
+        rate = rows * epochs / seconds
+        return [path, rate, rate / base, ("yes" if rate / base >= TARGET else "no") if counts else "—"]
+
+    table = [["plain loop in this process (median of before/after)", base, 1.0, "—"],
+             row("service Trainer in this process, Σ epoch duration_s", training_s, False),
+             row("service Trainer in this process, fit() wall", fit_s, False),
+             row("service via HTTP + worker, Σ epoch duration_s (pure training)", service.training_s, True),
+             row("service via HTTP + worker, started_at → finished_at (everything)", service.wall_s, True)]
     return Section(
-        key="training-in-process",
-        title=f"6. Training: the service's Trainer vs a plain PyTorch loop, in process on {device.type.upper()}",
-        baseline="a minimal nn.Sequential + Adam loop with index batching, same data, epochs, batch size, device",
-        columns=["path", "samples/s", "vs plain loop"],
-        rows=[["plain loop (median of before/after)", base, 1.0],
-              ["service Trainer, Σ epoch duration_s", trainer_rate, trainer_rate / base],
-              ["service Trainer, fit() wall", fit_rate, fit_rate / base]],
-        target=f">= {TARGET}x",
-        met=trainer_rate / base >= TARGET,
+        key="training-device",
+        title=f"6. Training: through the service and its Trainer vs a plain PyTorch loop, on {device.type.upper()}",
+        baseline="a minimal nn.Sequential + Adam loop with index batching in this process, same data, epochs, "
+                 "batch size, device",
+        columns=["path", "samples/s", "vs plain loop", f">= {TARGET}x"],
+        rows=table,
+        target=f">= {TARGET}x of the plain loop's samples/s (both service measures)",
+        met=all(r[3] == "yes" for r in table if r[3] != "—"),
         notes=[f"digits textbook net, {rows} training rows, {epochs} epochs, batch {BATCH_SIZE}; plain loop runs "
-               f"{before.spread} (before) and {after.spread} (after) samples/s."],
+               f"{before.spread} (before) and {after.spread} (after) samples/s. Through the service: a real "
+               f"`mcdrop up` (SQLite, filesystem broker), runs created over HTTP with \"device\": "
+               f"\"{device.type}\", the median of 3; they trained on {service.device}."],
     )
 
 

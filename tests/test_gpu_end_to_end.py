@@ -1,7 +1,8 @@
 """The service on a CUDA machine, started the way `make run` starts it (`mcdrop up`: SQLite, the
 filesystem broker, the API and one worker as real processes): a run that asks for CUDA trains on
-the GPU, its model answers online predictions (the API samples on the CPU), and a batch job asked
-to run on CUDA predicts on the worker's GPU. Skipped where torch sees no CUDA device (CI here)."""
+the GPU, and so does one that leaves the device to the service; the model answers online
+predictions (the API samples on the CPU), and a batch job asked to run on CUDA predicts on the
+worker's GPU. Skipped where torch sees no CUDA device (CI here)."""
 
 from __future__ import annotations
 
@@ -42,6 +43,12 @@ def test_training_and_batch_prediction_on_the_gpu_through_the_service(tmp_path: 
             assert finished["status"] == "succeeded", finished
             assert finished["device"] == "cuda"
             assert finished["epochs_done"] == 10 and finished["latest_metrics"]["val_accuracy"] > 0.9
+
+            auto = http.post("/v1/runs", json={"dataset_id": dataset["id"], "model": TEXTBOOK_MODEL,
+                                               "training": {**TEXTBOOK_TRAINING, "epochs": 2}})  # device "auto"
+            assert auto.status_code == 202, auto.text
+            auto_finished = wait_for_run(http, auto.json()["id"])
+            assert auto_finished["status"] == "succeeded" and auto_finished["device"] == "cuda", auto_finished
 
             prediction = http.post(f"/v1/runs/{finished['id']}/predict",
                                    json={"inputs": [DIGIT_ZERO], "samples": 100, "seed": 7})
