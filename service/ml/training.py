@@ -242,7 +242,8 @@ class Trainer:
         order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed)).to(self.device)
         loss_sum = 0.0
         squared_error_sum = 0.0
-        correct = 0
+        # Counted on the device: one host sync per batch (the loss's finiteness check), not two.
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
         with seeded_rng(seed, self.device):
             self.net.train()
             try:
@@ -263,7 +264,7 @@ class Trainer:
                     self.optimizer.step()
                     loss_sum += (loss_value if penalty is None else data_loss.item()) * len(rows)
                     if self.task == "classification":
-                        correct += int((outputs.argmax(-1) == targets).sum())
+                        correct += (outputs.detach().argmax(-1) == targets).sum()
                     elif self.heteroscedastic:
                         squared_error_sum += self._squared_error_sum(outputs.detach(), targets)
             finally:
@@ -287,7 +288,7 @@ class Trainer:
             epoch=epoch,
             train_loss=train_loss,
             val_loss=val_loss,
-            train_accuracy=correct / n_rows if classification else None,
+            train_accuracy=int(correct) / n_rows if classification else None,
             val_accuracy=val_correct / n_val if classification and val_loss is not None else None,
             train_rmse=train_rmse,
             val_rmse=val_rmse,
