@@ -177,15 +177,23 @@ def worker(
     from service.tuning import tune_allocator
 
     tune_allocator()
+    from service.queue import CUDA_QUEUE
     from workers.celery_app import app as celery_app
     from workers.runners import warm_up
 
-    warm_up()  # one-time costs (torch._dynamo's import, first ops) before the first run, not in it
+    consumed = (queues or ",".join(default_queues())).split(",")
     processes = concurrency or settings.worker_concurrency
+    # One-time costs (torch._dynamo's import, first ops) before the first run, not in it. A GPU
+    # worker that trains in its own process (solo pool) also creates its CUDA context and loads
+    # the kernels here (seconds); prefork children cannot inherit a CUDA context, so they pay it
+    # in their first CUDA run.
+    warm_up()
+    if processes == 1 and CUDA_QUEUE in consumed and torch.cuda.is_available():
+        warm_up("cuda")
     argv = [
         *(["--quiet"] if settings.log_format == "json" else []),  # no banner: the output stays JSON lines
         "worker",
-        f"--queues={queues or ','.join(default_queues())}",
+        f"--queues={','.join(consumed)}",
         f"--loglevel={settings.log_level.upper()}",
         "--without-gossip",
         "--without-mingle",

@@ -34,6 +34,8 @@ def wait_for_job(http: httpx.Client, job_id: str, timeout: float = 120) -> dict:
 def test_training_and_batch_prediction_on_the_gpu_through_the_service(tmp_path: Path) -> None:
     process, base, _ = _start_embedded(tmp_path)
     try:
+        # The worker (solo pool) created its CUDA context before taking runs, not in the first one.
+        assert "worker warmed up on cuda" in process.output()
         with httpx.Client(base_url=base, timeout=30) as http:
             dataset = http.post("/v1/datasets", json={"name": "digits", "builtin": "digits"}).json()
             run = http.post("/v1/runs", json={"dataset_id": dataset["id"], "model": TEXTBOOK_MODEL,

@@ -84,7 +84,7 @@ def warm_up(device: str = "cpu") -> None:
             model = job.finish()
             job.evaluate(spec.evaluation.samples, seed=0)
             model.weights_blob()
-    log.info("worker warmed up in %.2f s", time.perf_counter() - started)
+    log.info("worker warmed up on %s in %.2f s", device, time.perf_counter() - started)
 
 
 def train_run(
