@@ -712,7 +712,7 @@ def _breakdown_section(trained: Trained, on: dict[int, Load], ceiling: dict[int,
             f"MC prediction {low:.0f}-{high:.0f} µs per request at batches of 32-16 — "
             f"{extra_app + low:.0f}-{extra_app + high:.0f} µs together. The rest of the measured difference, "
             f"{ours_server - bare_server - extra_app - low:.0f} µs or less, is not broken down here: handing "
-            "requests to batches and back (futures, the compute thread's hand-off to the loop), larger responses "
+            "requests to batches and back (futures, the loop's scheduling of batches), larger responses "
             "through uvicorn, and what 64 requests in flight cost in caches.")
     return Section(
         key="http-serving-cpu",
@@ -839,10 +839,11 @@ def _batching_section(on: dict[int, Load], off: dict[int, Load], noise: str) -> 
                  "on CPU µs/req", "off CPU µs/req"],
         rows=rows, target="at 64: throughput or p99 better with batching; at 1: p50 not worse (10 % + 0.2 ms)",
         met=met,
-        notes=["Batching: wait 2 ms at most (MCDROP_PREDICT_BATCH_WAIT_MS), at most 256 rows per forward; a "
-               "request that finds nothing computing and nothing queued runs at once; a merged batch of at most "
-               "64 M multiply-adds (here ~70 rows) is computed on the event loop, a larger one in the compute "
-               "thread. Off: each request's forward in the threadpool.", noise]
+        notes=["Batching, scheduled on the event loop: a request that finds nothing computing and nothing "
+               "queued runs at the end of the loop's current iteration, with every request for the model read in "
+               "that iteration; otherwise its group waits 2 ms at most (MCDROP_PREDICT_BATCH_WAIT_MS); at most 256 "
+               "rows per forward; a merged batch of at most 64 M multiply-adds (here ~70 rows) is computed on the "
+               "event loop, a larger one in a compute thread. Off: each request's forward in the threadpool.", noise]
         + _errors({"on": on, "off": off}),
     )
 

@@ -53,6 +53,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 refresher.stop()
             if background is not None:
                 background.stop()
+            batcher = getattr(app.state, "predict_batcher", None)
+            if batcher is not None:
+                batcher.close()
 
     app = FastAPI(
         title="mcdrop",
