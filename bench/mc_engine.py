@@ -174,8 +174,9 @@ class LayersAlone:
     """The net's own Linear layers computed the way the engine's fused path computes them, with
     no masks, bias or activation: the prefix Linear layers once over B rows, then each Linear after
     the prefix as ``torch.mm(h, Wᵀ, out=...)`` on blocks of :func:`engine_block_rows` rows over the
-    T·B rows (the last layer into a ``[T·B, n_out]`` output, hidden ones into per-block buffers).
-    Same FLOPs as :func:`linear_flops`."""
+    T·B rows (the last layer into a ``[T·B, n_out]`` output, or on the CPU a narrow one as
+    ``W @ hᵀ`` into an ``[n_out, T·B]`` one, hidden ones into per-block buffers). Same FLOPs as
+    :func:`linear_flops`."""
 
     def __init__(self, net: nn.Sequential, batch: int, samples: int, device: torch.device) -> None:
         prefix, suffix = split_linears(net)
@@ -190,7 +191,12 @@ class LayersAlone:
         self.input = torch.randn(self.block, suffix[0].in_features, generator=generator, device=device)
         self.hidden = [(w, torch.empty(self.block, w.shape[1], device=device)) for w in weights[:-1]]
         self.last = weights[-1]
-        self.output = torch.empty(self.total, self.last.shape[1], device=device)
+        # As the fused path: a narrow last layer as W @ hᵀ into the columns of a transposed output.
+        outputs = self.last.shape[1]
+        self.narrow = (self.last.t().contiguous() if device.type == "cpu" and 1 < outputs < mc._NARROW_OUTPUTS
+                       else None)
+        self.output = (torch.empty(self.total, outputs, device=device) if self.narrow is None
+                       else torch.empty(outputs, self.total, device=device))
 
     def __call__(self) -> None:
         for x, weight_t, out in self.prefix:
@@ -201,7 +207,10 @@ class LayersAlone:
             h = self.input if n == block else self.input[:n]
             for weight_t, out in self.hidden:
                 h = torch.mm(h, weight_t, out=out if n == block else out[:n])
-            torch.mm(h, self.last, out=self.output[start : start + n])
+            if self.narrow is None:
+                torch.mm(h, self.last, out=self.output[start : start + n])
+            else:
+                torch.mm(self.narrow, h.t(), out=self.output[:, start : start + n])
 
 
 def load_average() -> str:
