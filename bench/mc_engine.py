@@ -455,9 +455,9 @@ def run(quick: bool = False, device: str | torch.device = "cpu",
             "Layers alone: the net's own Linear layers computed as the fused path computes them — torch.mm with "
             "out= on blocks of the same rows over the T·B rows, the prefix Linear once over B rows — with no "
             "masks, bias or activation: the ceiling of any engine that makes the same BLAS calls. The UCI net's "
-            "[·, 13] @ [13, 50] and [·, 50] @ [50, 1] are shapes the BLAS runs far below the square matmul of "
-            "the baseline, so its layers alone reach a much smaller share of the matmul than the textbook net's, "
-            "and that share bounds the engine's ratio however cheap the masks are.",
+            "[·, 13] @ [13, 50] and [·, 50] @ [50, 1] are shapes the BLAS runs below the square matmul of the "
+            "baseline, so its layers alone reach a smaller share of the matmul than the textbook net's, and with "
+            "22 Linear FLOPs per mask element (textbook: 75) its masks weigh 3.4x as much per FLOP (2c).",
             f"Engine GFLOP/s as a share of layers-alone GFLOP/s (how close the engine comes to that ceiling), "
             f"batch 64: {of_ceiling}.",
             "With more than one thread MKL parallelises the matmuls (the baseline's and the layers-alone ones) "

@@ -32,10 +32,10 @@ answered from shared forwards:
   is done, so requests keep gathering). Why not always a thread: every torch op releases and
   re-takes the GIL, so a forward of ~40 small ops in a second thread fights the event loop for
   the GIL ~80 times, and each hand-over between the loop and a thread costs wake-ups and GIL
-  switches; measured at 64 concurrent requests on 2 cores, computing small batches on the loop
-  with no thread in the hand-off costs ~15-20 % less CPU per request than the earlier design
-  (a compute thread that handed small batches to the loop), and a lone request's p50 drops
-  from ~0.87 to ~0.65 ms. A large batch (or model) is worth the thread, and must not stall the
+  switches; measured at 64 concurrent requests on 2 cores, scheduling on the loop with no thread
+  in the hand-off cost ~30 % less server CPU per request than the earlier design (a compute
+  thread that handed small batches to the loop): 243 vs 343 µs, and a lone request's p50 went
+  from 0.84 to 0.70 ms (``make bench`` before and after, same machine). A large batch (or model) is worth the thread, and must not stall the
   loop for long. Seeded and oversized requests run alone in the threadpool.
 
 The compute thread runs torch with the process's thread count (``api_torch_threads``, 1 by
