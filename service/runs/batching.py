@@ -35,8 +35,9 @@ answered from shared forwards:
   switches; measured at 64 concurrent requests on 2 cores, scheduling on the loop with no thread
   in the hand-off cost ~30 % less server CPU per request than the earlier design (a compute
   thread that handed small batches to the loop): 243 vs 343 µs, and a lone request's p50 went
-  from 0.84 to 0.70 ms (``make bench`` before and after, same machine). A large batch (or model) is worth the thread, and must not stall the
-  loop for long. Seeded and oversized requests run alone in the threadpool.
+  from 0.84 to 0.70 ms (``make bench`` before and after, same machine). A large batch (or
+  model) is worth the thread, and must not stall the loop for long. Seeded and oversized
+  requests run alone in the threadpool.
 
 The compute thread runs torch with the process's thread count (``api_torch_threads``, 1 by
 default), as the event loop's thread does.
@@ -83,7 +84,6 @@ class BatchingStats:
 class _Pending:
     features: np.ndarray  # [rows, n_inputs] float32, validated
     future: asyncio.Future[list[Prediction]]
-    loop: asyncio.AbstractEventLoop
 
 
 @dataclass
@@ -146,7 +146,7 @@ class PredictBatcher:
             # Nothing computing and nothing queued: due now (the end of this loop iteration).
             idle = not state.busy and not state.groups
             group = state.groups[(key, samples)] = _Group(model, samples, now if idle else now + self.wait_s)
-        group.requests.append(_Pending(features, future, loop))
+        group.requests.append(_Pending(features, future))
         group.rows += len(features)
         if group.rows >= self.max_inputs:
             group.deadline = min(group.deadline, now)
