@@ -209,7 +209,7 @@ class PredictBatcher:
                 _resolve(_parts(batch, outcome))
                 continue
             state.busy = True
-            computing = loop.run_in_executor(self._compute_thread(), _compute, group, batch)
+            computing = loop.run_in_executor(self._compute_thread(), self._compute_off_loop, group, batch)
             computing.add_done_callback(lambda done, batch=batch: self._computed(state, loop, batch, done))
         self._schedule(state, loop)
 
@@ -217,10 +217,20 @@ class PredictBatcher:
                   done: asyncio.Future[list[Prediction] | BaseException]) -> None:
         """A batch computed off the loop is back: answer its requests and go on."""
         state.busy = False
-        outcome = done.exception() or done.result() if not done.cancelled() else RuntimeError("prediction cancelled")
+        if done.cancelled():
+            outcome: list[Prediction] | BaseException = RuntimeError("prediction cancelled")
+        else:
+            outcome = done.exception() or done.result()  # _compute returns its errors
         self._count(batch, on_loop=False)
         _resolve(_parts(batch, outcome))
         self._dispatch(state, loop)
+
+    def _compute_off_loop(self, group: _Group, batch: list[_Pending]) -> list[Prediction] | BaseException:
+        """In the compute thread: the batch's forward; records the thread's torch thread count."""
+        outcome = _compute(group, batch)
+        with self._stats_lock:
+            self.stats.compute_torch_threads = torch.get_num_threads()
+        return outcome
 
     def _compute_thread(self) -> ThreadPoolExecutor:
         if self._executor is None:
@@ -236,7 +246,7 @@ class PredictBatcher:
                 self.stats.merged_requests += len(batch)
             if on_loop:
                 self.stats.forwards_on_loop += 1
-            self.stats.compute_torch_threads = torch.get_num_threads()
+                self.stats.compute_torch_threads = torch.get_num_threads()
 
 
 def _own_torch_threads() -> None:
