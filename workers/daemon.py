@@ -1,10 +1,13 @@
-"""A worker process's background thread: heartbeat, lease renewal, reconciliation.
+"""A worker process's background threads: lease renewal and heartbeat; reconciliation.
 
-One thread per worker process. Every tick it
+The daemon thread, every tick:
 - renews the lease of the run this process is training (and reads its cancel flag),
-- records the worker's heartbeat (GET /v1/queue lists workers seen recently),
-- runs the reconciler (expired leases, lost messages, webhook retries).
-It keeps going through database outages; the runner decides what a lost lease means.
+- records the worker's heartbeat (GET /v1/queue lists workers seen recently).
+A second thread runs the reconciler (expired leases, lost messages, webhook retries): it may
+wait on a webhook receiver or the broker for seconds, which must never hold up a renewal (a
+run whose lease lapses under a live worker is handed out again and retrains from its last
+checkpoint). Both keep going through database outages; the runner decides what a lost lease
+means.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 
@@ -44,6 +48,8 @@ class WorkerDaemon:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="mcdrop-daemon", daemon=True)
+        # first pass at once: a restarted worker re-sends what its predecessor left behind
+        self._reconciler = reconciler.ReconcilerThread(settings, first_after_s=0.0)
 
     @property
     def tick_s(self) -> float:
@@ -51,11 +57,14 @@ class WorkerDaemon:
 
     def start(self) -> WorkerDaemon:
         self._thread.start()
+        if self.settings.reconcile_interval_s > 0:
+            self._reconciler.start()
         return self
 
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
+        self._reconciler.stop(wait=False)
 
     def track(self, run_id: uuid.UUID) -> Attempt:
         attempt = Attempt(run_id=run_id, owner=f"{self.name}:{uuid.uuid4().hex[:12]}")
@@ -67,18 +76,15 @@ class WorkerDaemon:
             self.current = None
 
     def _loop(self) -> None:
-        since_reconcile = float("inf")
+        last = time.monotonic()
         while not self._stop.is_set():
+            started = time.monotonic()
+            if started - last > self.settings.lease_s / 2 and self.current is not None:
+                log.warning("lease renewal ran %.1f s after the previous one (the lease is %.1f s): "
+                            "this process is short of CPU or the database is slow", started - last, self.settings.lease_s)
+            last = started
             self._renew()
             self._heartbeat()
-            since_reconcile += self.tick_s
-            interval = self.settings.reconcile_interval_s
-            if interval > 0 and since_reconcile >= interval:
-                since_reconcile = 0.0
-                try:
-                    reconciler.reconcile_once(self.settings)
-                except Exception as exc:
-                    log.warning("reconciler: %s: %s", type(exc).__name__, str(exc)[:300])
             self._wake.wait(self.tick_s)
             self._wake.clear()
 

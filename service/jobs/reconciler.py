@@ -89,13 +89,15 @@ def reconcile_once(settings: Settings) -> dict[str, int]:
 
 
 class ReconcilerThread:
-    """Runs :func:`reconcile_once` every ``reconcile_interval_s`` in a daemon thread (API side;
-    workers run it from their own daemon thread)."""
+    """Runs :func:`reconcile_once` every ``reconcile_interval_s`` in a daemon thread of its own
+    (the API's, and each worker's beside its lease-renewal thread: a webhook receiver that takes
+    its full timeout, or a slow broker, must never delay a lease renewal)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, first_after_s: float | None = None) -> None:
         import threading
 
         self.settings = settings
+        self.first_after_s = settings.reconcile_interval_s if first_after_s is None else first_after_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="mcdrop-reconciler", daemon=True)
 
@@ -103,12 +105,15 @@ class ReconcilerThread:
         self._thread.start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, *, wait: bool = True) -> None:
         self._stop.set()
-        self._thread.join(timeout=10)
+        if wait and self._thread.ident is not None:
+            self._thread.join(timeout=10)
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.settings.reconcile_interval_s):
+        delay = self.first_after_s
+        while not self._stop.wait(delay):
+            delay = self.settings.reconcile_interval_s
             try:
                 reconcile_once(self.settings)
             except Exception as exc:

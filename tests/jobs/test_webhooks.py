@@ -312,3 +312,38 @@ def test_concurrent_deliverers_send_each_event_once(hook_settings: Settings, dat
     for run_id in run_ids:
         [delivery] = deliveries(hook_settings, run_id)
         assert delivery.status == "delivered" and delivery.attempts == 1
+
+
+def test_a_slow_receiver_never_holds_up_a_workers_lease(hook_settings: Settings, dataset_id, receiver: Receiver) -> None:
+    """A worker's reconciler waits out a receiver's full timeout in a thread of its own: the
+    lease on the run the worker is training is renewed all the while (a lapsed lease under a
+    live worker hands the run out again)."""
+    from workers.daemon import WorkerDaemon
+
+    settings = hook_settings.model_copy(update={"webhook_timeout_s": 2 * hook_settings.lease_s})
+    receiver.delay_s = settings.webhook_timeout_s + 1.0  # every attempt outlasts the lease
+    finished_run(settings, dataset_id, receiver.url)  # a due delivery for the reconciler
+    with session_scope(settings.sqlalchemy_url) as session:
+        run = RunRow(dataset_id=dataset_id, spec={"task": "classification"}, epochs_total=1)
+        session.add(run)
+        session.flush()
+        run_id = run.id
+    daemon = WorkerDaemon(settings, ["cpu"], "cpu")
+    attempt = daemon.track(run_id)
+    with session_scope(settings.sqlalchemy_url) as session:
+        assert lifecycle.claim(session, run_id, owner=attempt.owner, worker=daemon.name, device="cpu",
+                               lease_s=settings.lease_s)
+    daemon.start()
+    try:
+        deadline = time.monotonic() + 2.5 * settings.lease_s
+        while time.monotonic() < deadline:
+            with session_scope(settings.sqlalchemy_url) as session:
+                row = session.get(RunRow, run_id)
+                assert row is not None and row.status == "running" and row.lease_owner == attempt.owner
+                assert row.lease_expires_at > utcnow(), "the lease lapsed under a live worker"
+            time.sleep(0.1)
+        assert receiver.received, "the reconciler was waiting on the receiver meanwhile"
+        assert not attempt.lost.is_set()
+    finally:
+        daemon.untrack(attempt)
+        daemon.stop()
