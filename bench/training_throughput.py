@@ -9,7 +9,8 @@ process (the worker's training code without the worker around it).
 
 Baseline: a minimal hand-written loop in this process — ``nn.Sequential``, Adam, index batching
 without a DataLoader — with the same data (the service's split and standardisation), epochs and
-batch size, and the same thread count as the worker (torch's default).
+batch size, and the same thread count as the worker (under ``mcdrop up``: the usable cores less
+one for the API); a full run repeats it at torch's own default (every usable core) on both sides.
 
 ``python -m bench.training_throughput [--quick]`` prints the section.
 """
@@ -29,12 +30,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bench.report import Section
+from service.tuning import usable_cores, worker_torch_threads
 
 TARGET = 0.9
 BATCH_SIZE = 32
 SEED = 0
 TEXTBOOK_MODEL = {"hidden_layers": [64, 64], "dropout": 0.5}
-WORKER_THREADS = torch.get_num_threads()  # a fresh process's default: what the worker trains with
+# What `mcdrop up`'s worker trains with by default: the usable cores less one for the API (at least 1).
+WORKER_THREADS = worker_torch_threads(0, 1, usable_cores(), beside_api=True)
+ALL_CORES = usable_cores()  # torch's own default
 
 
 def training_spec(epochs: int) -> dict:
@@ -218,9 +222,9 @@ def run(quick: bool = False) -> list[Section]:
         service = through_the_service(epochs, timeout_s)
         after = baseline(x, y, epochs, 3)
     single: tuple[Baseline, ServiceRun] | None = None
-    if not quick and WORKER_THREADS != 1:  # the same with 1 thread on both sides: immune to oversubscription
-        with _threads(1):
-            single_service = through_the_service(epochs, timeout_s, worker_threads=1)
+    if not quick and WORKER_THREADS != ALL_CORES:  # the same with torch's default, all cores, on both sides
+        with _threads(ALL_CORES):
+            single_service = through_the_service(epochs, timeout_s, worker_threads=ALL_CORES)
             single = (baseline(x, y, epochs, 5), single_service)
     base = statistics.median([before.samples_per_s, after.samples_per_s])
     samples = rows * epochs
@@ -231,7 +235,8 @@ def run(quick: bool = False) -> list[Section]:
         return [path, seconds, rate, rate / reference, verdict]
 
     table = [
-        [f"plain loop in this process, {WORKER_THREADS} threads (median of before/after)", samples / base, base,
+        [f"plain loop in this process, {WORKER_THREADS} thread{'' if WORKER_THREADS == 1 else 's'} (median of "
+         "before/after)", samples / base, base,
          1.0, "—"],
         row("service Trainer in this process, Σ epoch duration_s", trainer_s, False),
         row("service via HTTP + worker, Σ epoch duration_s (pure training)", service.training_s, True),
@@ -242,7 +247,8 @@ def run(quick: bool = False) -> list[Section]:
     notes = [
         f"Digits, the README's textbook net (64-64-64-10, dropout 0.5), {rows} training rows (the service's "
         f"80/20 split, seed {SEED}), {epochs} epochs, batch {BATCH_SIZE}, Adam 1e-3; {WORKER_THREADS} torch "
-        f"threads here and in the worker (its default); the runs trained on {service.device}. Through the service: "
+        f"thread{'' if WORKER_THREADS == 1 else 's'} here and in the worker (its default under `mcdrop up`: the "
+        f"{ALL_CORES} usable cores less one for the API); the runs trained on {service.device}. Through the service: "
         "the median of 3 runs, one after another, through one `mcdrop up`, for each measure.",
         f"Plain loop: {before.spread} samples/s over 3 runs before the server, {after.spread} after; the machine "
         "is shared, so the spread is part of the answer.",
@@ -259,7 +265,8 @@ def run(quick: bool = False) -> list[Section]:
         "start-up, if the run comes first) "
         "and the client's 0.5 s polling.",
     ]
-    overheads = [(f"{WORKER_THREADS} threads", service)] + ([("1 thread", single[1])] if single else [])
+    overheads = ([(f"{WORKER_THREADS} thread{'' if WORKER_THREADS == 1 else 's'}", service)]
+                 + ([(f"{ALL_CORES} threads", single[1])] if single else []))
     notes.append("Outside the epochs (started_at → finished_at minus Σ duration_s): " + "; ".join(
         f"{label}: {run.wall_s - run.training_s:.2f} s, {1e3 * (run.wall_s - run.training_s) / run.epochs:.0f} ms "
         "per epoch" for label, run in overheads) + ".")
@@ -267,17 +274,20 @@ def run(quick: bool = False) -> list[Section]:
         single_base, single_service = single
         reference = single_base.samples_per_s
         table += [
-            ["plain loop in this process, 1 thread (median of 5)", samples / reference, reference, 1.0, "—"],
-            row("service via HTTP + worker with MCDROP_WORKER_TORCH_THREADS=1, Σ epoch duration_s",
+            [f"plain loop in this process, {ALL_CORES} threads (median of 5)", samples / reference, reference, 1.0,
+             "—"],
+            row(f"service via HTTP + worker with MCDROP_WORKER_TORCH_THREADS={ALL_CORES}, Σ epoch duration_s",
                 single_service.training_s, False, reference),
-            row("service via HTTP + worker with MCDROP_WORKER_TORCH_THREADS=1, started_at → finished_at",
+            row(f"service via HTTP + worker with MCDROP_WORKER_TORCH_THREADS={ALL_CORES}, started_at → finished_at",
                 single_service.wall_s, False, reference),
         ]
-        notes.append("The last three rows (ratios against the 1-thread loop) repeat the comparison with one torch "
-                     "thread on both sides: with more threads than free cores, every parallel region waits for "
-                     "a time slice whenever a neighbour holds a core, which can slow the worker down many times.")
-    else:
-        notes.append("A full run (without --quick) repeats the comparison with one torch thread on both sides.")
+        notes.append(f"The last three rows (ratios against the {ALL_CORES}-thread loop) repeat the comparison with "
+                     f"torch's own default, {ALL_CORES} threads (every usable core), on both sides. The worker "
+                     "leaves a core to the API by default: with more threads than free cores, every parallel region "
+                     "waits for a time slice whenever a neighbour holds a core, which can slow training down "
+                     "several times (service.tuning.worker_torch_threads).")
+    elif WORKER_THREADS != ALL_CORES:
+        notes.append(f"A full run (without --quick) repeats the comparison with {ALL_CORES} threads on both sides.")
     return [Section(
         key="training",
         title="6. Training throughput: through the service vs a plain PyTorch loop",
@@ -285,7 +295,7 @@ def run(quick: bool = False) -> list[Section]:
                   "DataLoader), same data, epochs, batch size and thread count as the worker"),
         columns=["path", "seconds", "samples/s", "vs plain loop", f">= {TARGET}x"],
         rows=table,
-        target=f">= {TARGET}x of the plain loop's samples/s (both service measures, torch's default threads)",
+        target=f">= {TARGET}x of the plain loop's samples/s (both service measures, the worker's default threads)",
         met=met,
         notes=notes,
     )]

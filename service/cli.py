@@ -172,17 +172,20 @@ def worker(
     _configure_logging(settings.log_level)
     import torch
 
-    if settings.worker_torch_threads > 0:
-        torch.set_num_threads(settings.worker_torch_threads)
-    from service.tuning import tune_allocator
+    from service.tuning import tune_allocator, usable_cores, worker_torch_threads
 
+    processes = concurrency or settings.worker_concurrency
+    cores = usable_cores()
+    threads = worker_torch_threads(settings.worker_torch_threads, processes, cores, beside_api=settings.worker_beside_api)
+    torch.set_num_threads(threads)  # inherited by prefork children
+    log.info("worker: %d process%s, %d torch thread%s each (%d usable cores%s)", processes, "" if processes == 1 else "es",
+             threads, "" if threads == 1 else "s", cores, ", beside the API" if settings.worker_beside_api else "")
     tune_allocator()
     from service.queue import CUDA_QUEUE
     from workers.celery_app import app as celery_app
     from workers.runners import warm_up
 
     consumed = (queues or ",".join(default_queues())).split(",")
-    processes = concurrency or settings.worker_concurrency
     # One-time costs (torch._dynamo's import, first ops) before the first run, not in it. A GPU
     # worker that trains in its own process (solo pool) also creates its CUDA context and loads
     # the kernels here (seconds); prefork children cannot inherit a CUDA context, so they pay it
@@ -728,7 +731,9 @@ class WorkerSupervisor:
         self._lock = threading.Lock()
 
     def _spawn(self) -> None:
-        self.process = subprocess.Popen([sys.executable, "-m", "service.cli", "worker"], preexec_fn=_die_with_parent)
+        env = {**os.environ, "MCDROP_WORKER_BESIDE_API": "1"}  # torch threads: one core left to the API
+        self.process = subprocess.Popen([sys.executable, "-m", "service.cli", "worker"], env=env,
+                                        preexec_fn=_die_with_parent)
 
     def start(self) -> WorkerSupervisor:
         self._spawn()

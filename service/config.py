@@ -31,14 +31,20 @@ class Settings(BaseSettings):
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # torch intra-op threads: the API serves many small requests (1 is fastest and never stalls
-    # against the worker); the worker trains (0 = torch's default).
+    # against the worker); the worker trains (see worker_torch_threads).
     api_torch_threads: int = 1
     # The API process's garbage collector: its startup objects frozen out of collection, and the
     # youngest generation collected every this many net container allocations (Python's default,
     # 700, made collections ~10 % of the API's CPU under load; 0 keeps Python's defaults).
     api_gc_threshold: int = Field(default=50_000, ge=0)
-    worker_torch_threads: int = 0
+    worker_torch_threads: int = Field(
+        default=0, ge=0,
+        description="torch intra-op threads per worker process; 0: the usable cores shared out among the worker's "
+                    "processes, one core left to the API under `mcdrop up` (service.tuning.worker_torch_threads)",
+    )
     worker_concurrency: int = 1
+    # Set by `mcdrop up` for the worker it starts beside the API on the same machine.
+    worker_beside_api: bool = False
 
     max_upload_bytes: int = 50 * 1024 * 1024
     max_dataset_rows: int = 1_000_000

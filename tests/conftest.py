@@ -132,6 +132,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "MCDROP_LOG_LEVEL": "info",
         "MCDROP_AUTH": settings.auth,
         "PYTHONUNBUFFERED": "1",
+        # the API (this process's TestClient) runs on the same cores, as under `mcdrop up`
+        "MCDROP_WORKER_BESIDE_API": "1",
     })
     for name in FAST_JOBS:
         env[f"MCDROP_{name.upper()}"] = str(getattr(settings, name))

@@ -19,6 +19,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from service import tuning
 from tests.conftest import Process, free_port, wait_for_run, wait_until_ready
 from tests.factories import TEXTBOOK_MODEL, TEXTBOOK_TRAINING
 
@@ -97,6 +98,10 @@ def test_embedded_mode_as_make_run_starts_it(tmp_path: Path) -> None:
     process, base, data_dir = _start_embedded(tmp_path, extra_env={"MCDROP_AUTH": "on"})
     try:
         assert "no API keys yet" in process.output()
+        # the worker beside the API leaves it a core for torch's threads
+        threads = tuning.worker_torch_threads(0, 1, tuning.usable_cores(), beside_api=True)
+        assert f"worker: 1 process, {threads} torch thread{'' if threads == 1 else 's'} each" in process.output()
+        assert "beside the API" in process.output()
         unauthenticated = httpx.get(f"{base}/v1/runs", timeout=10)
         assert unauthenticated.status_code == 401 and unauthenticated.headers["www-authenticate"].startswith("Bearer")
         env = {k: v for k, v in os.environ.items() if not k.startswith("MCDROP_")}

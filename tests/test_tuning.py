@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
@@ -69,3 +70,24 @@ def test_the_garbage_collector_is_tuned_once_per_process():
         assert gc.collect() >= 2  # cycles made after the freeze are still collected
     """)
     subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "configured, processes, cores, beside_api, expected",
+    [
+        (0, 1, 2, True, 1),  # `mcdrop up` on 2 cores: one for the API, one for training
+        (0, 1, 2, False, 2),  # a worker machine of its own: every core
+        (0, 1, 16, True, 15),
+        (0, 4, 16, False, 4),  # prefork: the cores shared out among the processes
+        (0, 3, 16, True, 5),
+        (0, 4, 2, False, 1),  # never below 1
+        (0, 1, 1, True, 1),
+        (3, 4, 2, True, 3),  # configured wins
+    ],
+)
+def test_worker_torch_threads(configured, processes, cores, beside_api, expected):
+    assert tuning.worker_torch_threads(configured, processes, cores, beside_api=beside_api) == expected
+
+
+def test_usable_cores_is_this_process_affinity():
+    assert 1 <= tuning.usable_cores() <= (os.cpu_count() or 1)
