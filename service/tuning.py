@@ -16,6 +16,9 @@ environment, which only works before the process starts.
 objects (ASGI scopes, pydantic models, futures), so with Python's default threshold (700) the
 youngest generation is collected every few requests, and each older collection walks everything
 the process built at start-up (FastAPI, torch, the models): ~10 % of the API's CPU under load.
+
+:func:`worker_torch_threads` (worker start): how many torch threads each worker process trains
+with, never more than the cores left free by its siblings and, under ``mcdrop up``, the API.
 """
 
 from __future__ import annotations
@@ -115,4 +118,3 @@ def worker_torch_threads(configured: int, processes: int, cores: int, *, beside_
         return configured
     free = cores - 1 if beside_api else cores
     return max(1, free // max(1, processes))
-
