@@ -34,6 +34,9 @@ class Attempt:
 
     run_id: uuid.UUID
     owner: str
+    # Set once the claim has committed: the daemon renews only then (a renewal that ran between
+    # track() and the claim's commit would find no lease of this owner and mark the attempt lost).
+    claimed: threading.Event = field(default_factory=threading.Event)
     lost: threading.Event = field(default_factory=threading.Event)
     cancel_requested: threading.Event = field(default_factory=threading.Event)
 
@@ -79,7 +82,7 @@ class WorkerDaemon:
         last = time.monotonic()
         while not self._stop.is_set():
             started = time.monotonic()
-            if started - last > self.settings.lease_s / 2 and self.current is not None:
+            if started - last > self.settings.lease_s / 2 and self.current is not None and self.current.claimed.is_set():
                 log.warning("lease renewal ran %.1f s after the previous one (the lease is %.1f s): "
                             "this process is short of CPU or the database is slow", started - last, self.settings.lease_s)
             last = started
@@ -90,7 +93,7 @@ class WorkerDaemon:
 
     def _renew(self) -> None:
         attempt = self.current
-        if attempt is None:
+        if attempt is None or not attempt.claimed.is_set():
             return
         try:
             with session_scope(self.settings.sqlalchemy_url) as session:

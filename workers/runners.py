@@ -135,6 +135,7 @@ def _claim(settings: Settings, run_id: uuid.UUID, attempt: Attempt, daemon: Work
             log.info("run %s is held by another worker (or not claimable); nothing to do", run_id)
             return None
         session.commit()
+        attempt.claimed.set()  # the daemon renews the lease from now on
         # a batch prediction reads its own input (_batch_predict)
         dataset = datasets.load_arrays(session, row.dataset_id) if row.kind != batch_predictions.KIND else None
         stored = repository.checkpoint(session, run_id)

@@ -333,6 +333,7 @@ def test_a_slow_receiver_never_holds_up_a_workers_lease(hook_settings: Settings,
     with session_scope(settings.sqlalchemy_url) as session:
         assert lifecycle.claim(session, run_id, owner=attempt.owner, worker=daemon.name, device="cpu",
                                lease_s=settings.lease_s)
+    attempt.claimed.set()
     daemon.start()
     try:
         deadline = time.monotonic() + 2.5 * settings.lease_s
