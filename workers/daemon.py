@@ -81,8 +81,8 @@ class WorkerDaemon:
     def _loop(self) -> None:
         last = time.monotonic()
         while not self._stop.is_set():
-            started = time.monotonic()
-            if started - last > self.settings.lease_s / 2 and self.current is not None and self.current.claimed.is_set():
+            started, attempt = time.monotonic(), self.current  # read once: the runner may untrack meanwhile
+            if started - last > self.settings.lease_s / 2 and attempt is not None and attempt.claimed.is_set():
                 log.warning("lease renewal ran %.1f s after the previous one (the lease is %.1f s): "
                             "this process is short of CPU or the database is slow", started - last, self.settings.lease_s)
             last = started
