@@ -37,6 +37,11 @@ class Settings(BaseSettings):
     # youngest generation collected every this many net container allocations (Python's default,
     # 700, made collections ~10 % of the API's CPU under load; 0 keeps Python's defaults).
     api_gc_threshold: int = Field(default=50_000, ge=0)
+    # FastAPI's native OpenTelemetry instrumentation (spans, metrics and logs to the global providers
+    # an OpenTelemetry SDK sets up). Off by default: mcdrop has its own Prometheus metrics, and
+    # without an SDK the instrumentation only asks the OpenTelemetry API for its providers on every
+    # request (~8 µs of CPU each here, with three environment lookups).
+    otel: bool = Field(default=False, description="FastAPI's OpenTelemetry instrumentation, for a process that sets up an OpenTelemetry SDK")
     worker_torch_threads: int = Field(
         default=0, ge=0,
         description="torch intra-op threads per worker process; 0: the usable cores shared out among the worker's "

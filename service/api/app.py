@@ -62,6 +62,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         summary="Train dropout networks; predict with Monte Carlo dropout uncertainty.",
         lifespan=lifespan,
+        # Off unless asked for (Settings.otel); on, FastAPI reports to whatever providers are set up.
+        telemetry=None if settings.otel else {"tracing": False, "metrics": False, "logs": False},
     )
     app.state.settings = settings
     app.state.model_cache = ModelCache(settings.model_cache_size)
