@@ -264,7 +264,7 @@ class _FusedDropout(NamedTuple):
 
 class _FusedLayer(NamedTuple):
     weight_t: Tensor  # [in, out] contiguous, with the 1/keep of the dropout before it folded in
-    bias: np.ndarray  # [out] float32 (zeros without a bias)
+    bias: np.ndarray  # [out] float32 (zeros without a bias), repeated: mc_kernels.tiled_bias
     relu: bool  # ReLU applied by the kernel
     activation: Callable[[Tensor], Tensor] | None  # another activation, in place, by torch
     dropout: _FusedDropout | None  # the dropout after it
@@ -332,7 +332,7 @@ def _fused_plan(suffix: list[nn.Module]) -> _FusedPlan | None:
         weight = linear.weight.detach() * scale if scale != 1.0 else linear.weight.detach()
         bias = (linear.bias.detach().numpy() if linear.bias is not None
                 else np.zeros(linear.out_features, dtype=np.float32))
-        layers.append(_FusedLayer(weight.t().contiguous(), bias, relu, activation, dropout))
+        layers.append(_FusedLayer(weight.t().contiguous(), mc_kernels.tiled_bias(bias), relu, activation, dropout))
         scale = next_scale
     if not layers:
         return None
@@ -353,13 +353,13 @@ def _run_fused(prefix: Tensor, plan: _FusedPlan, samples: int, generator: torch.
     total = samples * prefix.shape[0]
     block = max(1, min(total, min(_FUSED_BLOCK_ELEMENTS, max_elements) // plan.widest))
     keys = _random_words(2 * plan.dropouts, generator, prefix.device).numpy().view(np.uint64)
-    prefix_np = prefix.contiguous().numpy()
+    prefix_np = mc_kernels.tiled_rows(prefix.contiguous().numpy())  # row (t·B + b) % its rows is b
     first, last = plan.first, plan.layers[-1]
     first_args = (keys[2 * first.index], keys[2 * first.index + 1], first.top, first.low, first.threshold)
     masked = torch.empty(block, prefix.shape[1])
-    first_words = np.empty((block, (prefix.shape[1] + 7) // 8), dtype=np.uint64)
+    first_words = np.empty(mc_kernels.words_for(block, prefix.shape[1]), dtype=np.uint64)
     hidden = [(layer, torch.empty(block, layer.weight_t.shape[1]),
-               np.empty((block, (layer.weight_t.shape[1] + 7) // 8 if layer.dropout else 0), dtype=np.uint64))
+               np.empty(mc_kernels.words_for(block, layer.weight_t.shape[1]) if layer.dropout else 0, dtype=np.uint64))
               for layer in plan.layers[:-1]]
     # A narrow last layer (a few outputs) as W @ hᵀ into the columns of a transposed output: MKL
     # runs [rows, 64] @ [64, 10] at the speed of [rows, 64] @ [64, 64] (it pads the narrow side),
@@ -370,10 +370,10 @@ def _run_fused(prefix: Tensor, plan: _FusedPlan, samples: int, generator: torch.
     for start in range(0, total, block):
         n = min(block, total - start)
         h = masked if n == block else masked[:n]
-        broadcast(prefix_np, h.numpy(), first_words[:n], start, *first_args)
+        broadcast(prefix_np, h.numpy(), first_words, start, *first_args)
         for layer, out, words in hidden:
             h = torch.mm(h, layer.weight_t, out=out if n == block else out[:n])
-            _finish_layer(h, layer, words[:n], start, keys)
+            _finish_layer(h, layer, words, start, keys)
         if narrow is None:
             torch.mm(h, last.weight_t, out=output[start : start + n])
         else:
@@ -382,8 +382,11 @@ def _run_fused(prefix: Tensor, plan: _FusedPlan, samples: int, generator: torch.
         output = output.t().contiguous()
     # The last layer's bias and activation once over the whole output (it has no dropout).
     if plan.finish_last:
-        _finish_layer(output, last, np.empty((total, 0), dtype=np.uint64), 0, keys)
+        _finish_layer(output, last, _NO_WORDS, 0, keys)
     return output
+
+
+_NO_WORDS = np.empty(0, dtype=np.uint64)  # a kernel call without dropout
 
 
 def _finish_layer(h: Tensor, layer: _FusedLayer, words: np.ndarray, start: int, keys: np.ndarray) -> None:
@@ -391,7 +394,7 @@ def _finish_layer(h: Tensor, layer: _FusedLayer, words: np.ndarray, start: int, 
     mc_kernels, h_np, d = _kernels(), h.numpy(), layer.dropout
     bias, kind = layer.bias, mc_kernels.RELU if layer.relu else mc_kernels.IDENTITY
     if layer.activation is not None:  # torch's activation between the bias and the mask
-        mc_kernels.bias_activation_dropout(h_np, bias, kind, words[:, :0], 0, keys[0], keys[0], 0, 0, 0)
+        mc_kernels.bias_activation_dropout(h_np, bias, kind, _NO_WORDS, 0, keys[0], keys[0], 0, 0, 0)
         layer.activation(h)
         if d is None:
             return

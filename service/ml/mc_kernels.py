@@ -5,9 +5,10 @@ to float, multiply, then bias and activation), each one out of cache for T·B ro
 do a block of rows in one pass that stays in cache, with the masks drawn by a counter-based
 generator:
 
-* Unit ``j`` of global row ``g`` (row = sample · B + input) reads byte ``j`` of the words
-  ``splitmix64(key, g · n_words + q)``, ``n_words = ceil(width / 8)``: a value depends only on
-  the key and its position, never on how the rows are split into blocks or threads.
+* Unit ``j`` of global row ``g`` (row = sample · B + input) is unit ``u = g · width + j`` of the
+  layer; it reads byte ``u % 8`` of the word ``splitmix64(key, u // 8)``: a value depends only on
+  the key and its position, never on how the rows are split into blocks or threads, and no
+  random bits go unused at the end of a row.
 * The keep rule is the engine's 16-bit one (:mod:`service.ml.mc`): keep probability
   ``k / 2**16`` and drop threshold ``D = 2**16 - k``; a 16-bit lane ``L = 256 c + r`` is kept when
   ``L >= D``. The byte ``c`` decides unless it equals ``D >> 8``; only then (1 draw in 256) are
@@ -51,69 +52,116 @@ def _splitmix64(key, counter):
 
 
 @njit(inline="always")
-def _draw(words, row0, key, key2, top, low):
-    """Fill ``words [rows, n_words]`` for global rows ``row0 ..``; bytes equal to ``top`` are
-    settled by their low byte against ``low`` (set to 255 if kept, 0 if dropped)."""
-    flat = words.reshape(-1)
-    start = np.uint64(row0 * words.shape[1])
-    for i in range(flat.size):
-        flat[i] = _splitmix64(key, start + np.uint64(i))
+def _draw(words, first, units, key, key2, top, low):
+    """Fill ``words`` with the words of units ``first .. first + units`` (global unit indices, byte
+    ``u % 8`` of word ``u // 8``); bytes equal to ``top`` are settled by their low byte against
+    ``low`` (set to 255 if kept, 0 if dropped). Returns the first unit's byte offset in ``words``."""
+    start = first // 8
+    offset = first - 8 * start
+    count = (offset + units + 7) // 8
+    base = np.uint64(start)
+    for i in range(count):
+        words[i] = _splitmix64(key, base + np.uint64(i))
     if low == 0:  # the threshold is a multiple of 256: the high byte decides alone
-        return
+        return offset
     pattern = np.uint64(top) * _LOW_BYTES
-    for i in range(flat.size):
-        word = flat[i]
+    for i in range(count):
+        word = words[i]
         x = word ^ pattern
         if ((x - _LOW_BYTES) & ~x & _HIGH_BITS) != np.uint64(0):  # some byte equals top
             for b in range(8):
                 shift = np.uint64(8 * b)
                 if ((word >> shift) & _BYTE) == np.uint64(top):
-                    counter = (start + np.uint64(i)) * np.uint64(8) + np.uint64(b)
+                    counter = (base + np.uint64(i)) * np.uint64(8) + np.uint64(b)
                     kept = (_splitmix64(key2, counter) & _BYTE) >= np.uint64(low)
                     value = _BYTE if kept else np.uint64(0)
                     word = (word & ~(_BYTE << shift)) | (value << shift)
-            flat[i] = word
+            words[i] = word
+    return offset
 
 
 @njit(**_FLAGS)
 def broadcast_dropout(prefix, out, words, row0, key, key2, top, low, threshold):
-    """``out[r] = prefix[(row0 + r) % B] * mask[row0 + r]`` (0/1 masks; the scale is elsewhere)."""
+    """``out[r] = prefix[(row0 + r) % P] * mask[row0 + r]`` (0/1 masks; the scale is elsewhere),
+    ``P`` = ``prefix``'s rows: the batch, or the batch repeated (``tiled_rows``).
+
+    Rows and masks are gone over flat, in runs of whole prefixes: long loops however narrow the
+    layer (a row of 13 units alone is too short for the vector loop)."""
     rows, width = out.shape
-    batch = prefix.shape[0]
-    _draw(words, row0, key, key2, top, low)
-    bytes_ = words.view(np.uint8)
+    units = rows * width
+    offset = _draw(words, row0 * width, units, key, key2, top, low)
+    bytes_ = words.view(np.uint8)[offset : offset + units]
+    flat = out.reshape(-1)
+    source = prefix.reshape(-1)
+    period = source.size
     limit = np.int32(threshold)  # bytes compared as int32: the loops run ~1.6x faster than with uint8
-    b = row0 % batch
-    for r in range(rows):
-        for j in range(width):
-            out[r, j] = prefix[b, j] * np.float32(np.int32(bytes_[r, j]) >= limit)
-        b += 1
-        if b == batch:
-            b = 0
+    k = 0
+    p = (row0 % prefix.shape[0]) * width
+    while k < units:  # slices, indexed from 0 by range(): numba then checks no negative indices
+        n = min(period - p, units - k)
+        dst, src, keep = flat[k : k + n], source[p : p + n], bytes_[k : k + n]
+        for i in range(n):
+            dst[i] = src[i] * np.float32(np.int32(keep[i]) >= limit)
+        k += n
+        p = 0
 
 
 @njit(**_FLAGS)
 def bias_activation_dropout(h, bias, activation, words, row0, key, key2, top, low, threshold):
-    """In place: ``h = activation(h + bias) * mask`` (``words`` of zero columns: no dropout)."""
+    """In place: ``h = activation(h + bias) * mask``; an empty ``words``: no dropout.
+
+    ``bias`` is the layer's bias repeated a whole number of times (``tiled_bias``), so that the
+    rows are gone over flat, in runs of its length, as in :func:`broadcast_dropout`."""
     rows, width = h.shape
+    units = rows * width
+    flat = h.reshape(-1)
+    period = bias.size
     zero = np.float32(0.0)
-    if words.shape[1] == 0:
-        for r in range(rows):
-            for j in range(width):
-                value = h[r, j] + bias[j]
-                h[r, j] = max(value, zero) if activation == RELU else value
+    relu = activation == RELU
+    if words.size == 0:
+        for k in range(0, units, period):
+            n = min(period, units - k)
+            dst = flat[k : k + n]
+            if relu:
+                for i in range(n):
+                    dst[i] = max(dst[i] + bias[i], zero)
+            else:
+                for i in range(n):
+                    dst[i] = dst[i] + bias[i]
         return
-    _draw(words, row0, key, key2, top, low)
-    bytes_ = words.view(np.uint8)
+    offset = _draw(words, row0 * width, units, key, key2, top, low)
+    bytes_ = words.view(np.uint8)[offset : offset + units]
     limit = np.int32(threshold)  # bytes compared as int32: the loops run ~1.6x faster than with uint8
-    if activation == RELU:
-        for r in range(rows):
-            for j in range(width):
-                h[r, j] = max(h[r, j] + bias[j], zero) * np.float32(np.int32(bytes_[r, j]) >= limit)
-    else:
-        for r in range(rows):
-            for j in range(width):
-                h[r, j] = (h[r, j] + bias[j]) * np.float32(np.int32(bytes_[r, j]) >= limit)
+    for k in range(0, units, period):
+        n = min(period, units - k)
+        dst, keep = flat[k : k + n], bytes_[k : k + n]
+        if relu:
+            for i in range(n):
+                dst[i] = max(dst[i] + bias[i], zero) * np.float32(np.int32(keep[i]) >= limit)
+        else:
+            for i in range(n):
+                dst[i] = (dst[i] + bias[i]) * np.float32(np.int32(keep[i]) >= limit)
+
+
+# Rows and biases are repeated to at least this many units, so that the kernels' flat loops run
+# in long stretches (see broadcast_dropout).
+RUN_UNITS = 256
+
+
+def tiled_rows(prefix: np.ndarray) -> np.ndarray:
+    """``prefix [P, width]`` repeated whole to at least RUN_UNITS units (itself if it has them)."""
+    repeats = -(-RUN_UNITS // max(1, prefix.size))
+    return prefix if repeats <= 1 else np.ascontiguousarray(np.tile(prefix, (repeats, 1)))
+
+
+def tiled_bias(bias: np.ndarray) -> np.ndarray:
+    """A layer's bias ``[width]`` repeated whole to at least RUN_UNITS units (contiguous float32)."""
+    return np.ascontiguousarray(np.tile(bias.astype(np.float32), -(-RUN_UNITS // max(1, bias.size))))
+
+
+def words_for(rows: int, width: int) -> int:
+    """Words a kernel call over ``rows`` rows of ``width`` units needs (a block may start mid-word)."""
+    return (rows * width + 7) // 8 + 1
 
 
 def mask_parameters(keep_count: int) -> tuple[int, int, int]:
@@ -134,11 +182,11 @@ def supports_keep_count(keep_count: int) -> bool:
 
 def warm_up() -> None:
     """Compile (or load from the cache) every kernel signature the engine calls."""
-    words = np.zeros((2, 1), dtype=np.uint64)
+    words = np.zeros(words_for(2, 3), dtype=np.uint64)
     prefix = np.ones((1, 3), dtype=np.float32)
     out = np.empty((2, 3), dtype=np.float32)
     key = np.uint64(1)
     broadcast_dropout(prefix, out, words, 0, key, key, 128, 0, 128)
-    bias = np.zeros(3, dtype=np.float32)
+    bias = tiled_bias(np.zeros(3, dtype=np.float32))
     bias_activation_dropout(out, bias, RELU, words, 0, key, key, 12, 205, 13)
-    bias_activation_dropout(out, bias, IDENTITY, words[:, :0], 0, key, key, 0, 0, 0)
+    bias_activation_dropout(out, bias, IDENTITY, words[:0], 0, key, key, 0, 0, 0)

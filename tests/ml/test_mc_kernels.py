@@ -27,8 +27,8 @@ def keep_count(rate: float) -> int:
 def kept_mask(rows: int, width: int, rate: float, row0: int = 0, key=KEY, key2=KEY2) -> np.ndarray:
     """The kernel's 0/1 mask for global rows ``row0 ..``: the identity activation on ones."""
     h = np.zeros((rows, width), dtype=np.float32)
-    bias = np.ones(width, dtype=np.float32)
-    words = np.empty((rows, (width + 7) // 8), dtype=np.uint64)
+    bias = mc_kernels.tiled_bias(np.ones(width, dtype=np.float32))
+    words = np.empty(mc_kernels.words_for(rows, width), dtype=np.uint64)
     top, low, threshold = mc_kernels.mask_parameters(keep_count(rate))
     mc_kernels.bias_activation_dropout(h, bias, mc_kernels.IDENTITY, words, row0, key, key2, top, low, threshold)
     assert set(np.unique(h)) <= {0.0, 1.0}
@@ -55,7 +55,7 @@ def test_keep_counts_outside_the_two_stage_rule_are_refused():
 
 @pytest.mark.parametrize("rate", [0.05, 0.1, 0.3, 0.5, 0.9, 0.99])
 def test_kernel_masks_keep_each_unit_with_the_rounded_probability(rate):
-    rows, width = 20_000, 37  # an odd width: lanes of a row's last word go unused
+    rows, width = 20_000, 37  # an odd width: rows start at every byte of a word
     kept = kept_mask(rows, width, rate)
     keep = keep_count(rate) / 2**16
     spread = math.sqrt(keep * (1 - keep))
@@ -89,13 +89,33 @@ def test_broadcast_repeats_the_prefix_rows_in_order():
     prefix = np.arange(1, 3 * 5 + 1, dtype=np.float32).reshape(3, 5)
     rows, row0 = 11, 7
     out = np.empty((rows, 5), dtype=np.float32)
-    words = np.empty((rows, 1), dtype=np.uint64)
+    words = np.empty(mc_kernels.words_for(rows, 5), dtype=np.uint64)
     top, low, threshold = mc_kernels.mask_parameters(keep_count(0.3))
     mc_kernels.broadcast_dropout(prefix, out, words, row0, KEY, KEY2, top, low, threshold)
     expected_rows = prefix[(row0 + np.arange(rows)) % 3]
     kept = out != 0
     assert np.array_equal(out[kept], expected_rows[kept])
     assert np.array_equal(kept, kept_mask(rows, 5, 0.3, row0=row0).astype(bool))  # the same masks
+    # The prefix repeated to long runs (as the engine passes it) gives the same rows and masks.
+    tiled = mc_kernels.tiled_rows(prefix)
+    assert tiled.shape[0] % 3 == 0 and tiled.size >= mc_kernels.RUN_UNITS
+    again = np.empty_like(out)
+    mc_kernels.broadcast_dropout(tiled, again, words, row0, KEY, KEY2, top, low, threshold)
+    assert np.array_equal(again, out)
+
+
+def test_masks_are_the_same_whatever_the_bias_repeat():
+    rows, width, top_low_threshold = 50, 7, mc_kernels.mask_parameters(keep_count(0.05))
+    results = []
+    for bias in (np.arange(width, dtype=np.float32), mc_kernels.tiled_bias(np.arange(width, dtype=np.float32))):
+        h = np.ones((rows, width), dtype=np.float32)
+        words = np.empty(mc_kernels.words_for(rows, width), dtype=np.uint64)
+        mc_kernels.bias_activation_dropout(h, bias, mc_kernels.RELU, words, 3, KEY, KEY2, *top_low_threshold)
+        results.append(h)
+    assert np.array_equal(results[0], results[1])
+    kept = kept_mask(rows, width, 0.05, row0=3).astype(bool)
+    assert np.array_equal(results[0] != 0, kept & (np.arange(width) + 1 > 0))
+    np.testing.assert_array_equal(results[0][kept], np.broadcast_to(np.arange(width) + 1.0, (rows, width))[kept])
 
 
 @pytest.mark.parametrize("rate", [0.05, 0.5, 0.9])
