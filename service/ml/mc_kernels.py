@@ -59,6 +59,8 @@ def _draw(words, first, units, key, key2, top, low):
     start = first // 8
     offset = first - 8 * start
     count = (offset + units + 7) // 8
+    if count > words.size:  # the loops run without bounds checks
+        raise ValueError("the words buffer is too small: see words_for")
     base = np.uint64(start)
     for i in range(count):
         words[i] = _splitmix64(key, base + np.uint64(i))

@@ -104,6 +104,19 @@ def test_broadcast_repeats_the_prefix_rows_in_order():
     assert np.array_equal(again, out)
 
 
+def test_a_words_buffer_too_small_is_refused():
+    rows, width = 9, 13  # row 3 starts at unit 39, mid-word: words_for counts the extra word
+    top, low, threshold = mc_kernels.mask_parameters(keep_count(0.3))
+    h = np.ones((rows, width), dtype=np.float32)
+    bias = mc_kernels.tiled_bias(np.zeros(width, dtype=np.float32))
+    enough = np.empty(mc_kernels.words_for(rows, width), dtype=np.uint64)
+    mc_kernels.bias_activation_dropout(h, bias, mc_kernels.RELU, enough, 3, KEY, KEY2, top, low, threshold)
+    with pytest.raises(ValueError, match="too small"):
+        mc_kernels.bias_activation_dropout(h, bias, mc_kernels.RELU, enough[:-2], 3, KEY, KEY2, top, low, threshold)
+    with pytest.raises(ValueError, match="too small"):
+        mc_kernels.broadcast_dropout(h[:1], h, enough[:-2], 3, KEY, KEY2, top, low, threshold)
+
+
 def test_masks_are_the_same_whatever_the_bias_repeat():
     rows, width, top_low_threshold = 50, 7, mc_kernels.mask_parameters(keep_count(0.05))
     results = []
