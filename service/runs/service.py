@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import secrets
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import anyio.to_thread
+import pydantic_core
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
@@ -201,10 +203,38 @@ def load_model(session: Session, run_id: uuid.UUID, tenant_id: str) -> TrainedMo
     return model
 
 
+@dataclass(frozen=True)
+class Predicted:
+    """A served MC prediction: the fields of :class:`PredictResponse`, in its order, with the rows
+    as ``TrainedModel.predict`` builds them (dicts with the output models' fields, in their order)."""
+
+    run_id: uuid.UUID
+    task: str
+    samples: int
+    seed: int | None
+    class_names: list[str] | None
+    predictions: list[dict[str, Any]]
+
+    def json(self) -> bytes:
+        """``self.response().model_dump_json()``, byte for byte (tested for both tasks, NaN included),
+        without validating the rows again: they are ours, and re-validating them cost ~10 µs of a
+        served request's CPU (~4 µs instead of ~15 for a row of ten classes)."""
+        return pydantic_core.to_json(
+            {"run_id": self.run_id, "task": self.task, "samples": self.samples, "seed": self.seed,
+             "class_names": self.class_names, "predictions": self.predictions},
+            inf_nan_mode="null",  # as a model's JSON: NaN and infinities as null
+        )
+
+    def response(self) -> PredictResponse:
+        """The validated response model (for callers that read the rows as models)."""
+        return PredictResponse(run_id=self.run_id, task=self.task, samples=self.samples, seed=self.seed,
+                               class_names=self.class_names, predictions=self.predictions)
+
+
 async def predict(
     settings: Settings, cache: ModelCache, batcher: PredictBatcher, run_id: uuid.UUID, request: PredictRequest,
     tenant_id: str,
-) -> PredictResponse:
+) -> Predicted:
     """MC dropout prediction for a succeeded run, for the event loop.
 
     A model in the cache answers without a database round trip (only succeeded runs are
@@ -239,10 +269,7 @@ async def predict(
     features = feature_matrix(request.inputs, model.network.n_inputs)
     predictions = await batcher.predict(run_id, model, features, request.samples, request.seed)
     served_uncertainty.observe_predictions(str(run_id), predictions)  # /metrics: one numpy update per request
-    return PredictResponse(
-        run_id=run_id, task=model.task, samples=request.samples, seed=request.seed,
-        class_names=model.class_names, predictions=predictions,
-    )
+    return Predicted(run_id, model.task, request.samples, request.seed, model.class_names, predictions)
 
 
 def cancel(session: Session, settings: Settings, run_id: uuid.UUID, tenant_id: str | None) -> tuple[RunRead, bool]:

@@ -76,8 +76,8 @@ async def predict_model(
     if target is None:
         target = await anyio.to_thread.run_sync(aliases.resolve_in_own_session, tenant, name, alias, version)
     batcher = app_batcher(state, state.settings)
-    response = await runs.predict(state.settings, state.model_cache, batcher, target.run_id, request, tenant)
-    return Response(response.model_dump_json(), media_type="application/json",
+    predicted = await runs.predict(state.settings, state.model_cache, batcher, target.run_id, request, tenant)
+    return Response(predicted.json(), media_type="application/json",
                     headers={"X-Model-Version": str(target.version)})
 
 

@@ -40,11 +40,11 @@ async def predict(run_id: uuid.UUID, request: PredictRequest, http_request: Requ
     # The hot path, so: first route of this router (matched first); its requests handled by
     # JsonBodyRoute (no dependency solving; the body parsed and validated in one pass); async,
     # reading app.state directly, the sampling off the event loop (service.runs.batching); the
-    # response, validated as it is built, serialised once.
+    # response serialised once, from our own rows (runs.Predicted.json).
     state = http_request.app.state
     batcher = app_batcher(state, state.settings)
-    response = await runs.predict(state.settings, state.model_cache, batcher, run_id, request, tenant)
-    return Response(response.model_dump_json(), media_type="application/json")
+    predicted = await runs.predict(state.settings, state.model_cache, batcher, run_id, request, tenant)
+    return Response(predicted.json(), media_type="application/json")
 
 
 router.add_api_route(

@@ -301,7 +301,7 @@ async def _infer(request: Request, tenant: str, name: str, version: int | None, 
         raise _bad(f"invalid request: {exc.errors()[0]['msg']}") from None
     batcher = app_batcher(state, state.settings)
     predicted = await runs.predict(state.settings, state.model_cache, batcher, target.run_id, predict_request, tenant)
-    data = _output_data(model.task, predicted.predictions)
+    data = _output_data(model.task, predicted.response().predictions)
     shapes = {tensor.name: tensor for tensor in _output_columns(model, len(rows))}
     response = V2InferResponse(
         model_name=name, model_version=str(target.version), id=body.id,
