@@ -378,10 +378,14 @@ def _run_fused(prefix: Tensor, plan: _FusedPlan, samples: int, generator: torch.
             torch.mm(h, last.weight_t, out=output[start : start + n])
         else:
             torch.mm(narrow, h.t(), out=output[:, start : start + n])
-    if narrow is not None:
-        output = output.t().contiguous()
-    # The last layer's bias and activation once over the whole output (it has no dropout).
-    if plan.finish_last:
+    if narrow is not None:  # back to row order, with the bias and a ReLU on the way
+        transposed = output
+        output = torch.empty(total, narrow.shape[0])
+        kind = mc_kernels.RELU if last.relu else mc_kernels.IDENTITY
+        mc_kernels.transpose_bias_activation(transposed.numpy(), last.bias, kind, output.numpy())
+        if last.activation is not None:
+            last.activation(output)
+    elif plan.finish_last:  # the last layer's bias and activation once over the whole output
         _finish_layer(output, last, _NO_WORDS, 0, keys)
     return output
 

@@ -145,6 +145,23 @@ def bias_activation_dropout(h, bias, activation, words, row0, key, key2, top, lo
                 dst[i] = (dst[i] + bias[i]) * np.float32(np.int32(keep[i]) >= limit)
 
 
+@njit(**_FLAGS)
+def transpose_bias_activation(src, bias, activation, out):
+    """``out [rows, n] = activation(srcᵀ + bias)`` from ``src [n, rows]``: a narrow last layer
+    computed as W @ hᵀ, put back in row order with its bias (``bias[:n]``) and ReLU in one pass
+    (torch's transposing copy alone took ~1.8x as long, for [10, 6400] on an Intel Xeon)."""
+    n, rows = src.shape
+    zero = np.float32(0.0)
+    if activation == RELU:
+        for r in range(rows):
+            for j in range(n):
+                out[r, j] = max(src[j, r] + bias[j], zero)
+    else:
+        for r in range(rows):
+            for j in range(n):
+                out[r, j] = src[j, r] + bias[j]
+
+
 # Rows and biases are repeated to at least this many units, so that the kernels' flat loops run
 # in long stretches (see broadcast_dropout).
 RUN_UNITS = 256
@@ -192,3 +209,4 @@ def warm_up() -> None:
     bias = tiled_bias(np.zeros(3, dtype=np.float32))
     bias_activation_dropout(out, bias, RELU, words, 0, key, key, 12, 205, 13)
     bias_activation_dropout(out, bias, IDENTITY, words[:0], 0, key, key, 0, 0, 0)
+    transpose_bias_activation(out, bias, RELU, np.empty((3, 2), dtype=np.float32))

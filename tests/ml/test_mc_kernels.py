@@ -208,3 +208,28 @@ def test_samples_and_deterministic_in_one_call_equal_the_two_calls(fused_net):
     outputs, deterministic = mc.sample_outputs_and_deterministic(net, x, 300, seed=9)
     assert torch.equal(outputs, sample_outputs(net, x, 300, seed=9))
     assert torch.equal(deterministic, deterministic_outputs(net, x))
+
+
+@pytest.mark.parametrize("activation", [mc_kernels.IDENTITY, mc_kernels.RELU])
+def test_transpose_bias_activation_puts_a_narrow_output_back_in_row_order(activation):
+    src = np.random.default_rng(0).normal(size=(3, 37)).astype(np.float32)
+    bias = mc_kernels.tiled_bias(np.array([0.5, -1.0, 2.0], dtype=np.float32))  # the engine passes it tiled
+    out = np.empty((37, 3), dtype=np.float32)
+    mc_kernels.transpose_bias_activation(src, bias, activation, out)
+    expected = src.T + bias[:3]
+    np.testing.assert_array_equal(out, np.maximum(expected, 0) if activation == mc_kernels.RELU else expected)
+
+
+@pytest.mark.parametrize("last", ["none", "relu", "tanh"])
+def test_a_narrow_last_layer_gets_its_bias_and_activation(last):
+    # A few outputs: the fused path computes the last layer as W @ hᵀ and transposes it back.
+    ending = {"none": [], "relu": [nn.ReLU()], "tanh": [nn.Tanh()]}[last]
+    net = nn.Sequential(nn.Linear(5, 16), nn.Dropout(0.3), nn.Linear(16, 3), *ending)
+    with torch.no_grad():
+        net[-1 if last == "none" else -2].bias.copy_(torch.tensor([0.5, -0.2, 1.0]))
+    x = inputs()
+    assert mc._compiled(net).fused.last_weight is not None
+    fused = sample_outputs(net, x, 3000, seed=4)
+    assert_same_distribution(fused, sample_outputs_loop(net, x, 3000, seed=5))
+    if last == "relu":
+        assert fused.min() >= 0 and (fused == 0).any()
