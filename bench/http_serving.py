@@ -702,13 +702,16 @@ def _breakdown_section(trained: Trained, on: dict[int, Load], ceiling: dict[int,
         budget = bare_server / 0.6
         extra_app = parts["mcdrop_app_us"] - parts["bare_app_us"]
         low, high = sorted((parts["predict_per_row_us_32"], parts["predict_per_row_us_16"]))
+        app_difference = (f"{extra_app:.0f} µs more than the bare app's" if extra_app >= 0
+                          else f"{-extra_app:.0f} µs less than the bare app's")
         notes.append(
             f"Reading it: both servers are bound by one core at concurrency 64 (the GIL; the load generator takes "
             f"the other), so throughput goes as 1 / CPU per request, and 60 % of the ceiling allows "
             f"{budget:.0f} µs per request. The ceiling server spends {bare_server:.0f} (its app "
             f"{parts['bare_app_us']:.0f}, uvicorn and asyncio the rest), which leaves {budget - bare_server:.0f} µs "
-            f"for everything mcdrop does beyond parsing the body: its app side costs {extra_app:.0f} µs more than "
-            f"the bare app (auth, request-id and metrics middlewares, input checks, the response model), and the "
+            f"for everything mcdrop does beyond parsing the body: its app side costs {app_difference} "
+            f"(auth, request-id and metrics middlewares, input checks and the response, less the FastAPI dependency "
+            f"solving that its lean predict handler skips and the bare app pays), and the "
             f"MC prediction {low:.0f}-{high:.0f} µs per request at batches of 32-16 — "
             f"{extra_app + low:.0f}-{extra_app + high:.0f} µs together. The rest of the measured difference, "
             f"{ours_server - bare_server - extra_app - low:.0f} µs or less, is not broken down here: handing "
