@@ -162,6 +162,66 @@ def transpose_bias_activation(src, bias, activation, out):
                 out[r, j] = src[j, r] + bias[j]
 
 
+# The summary kernel keeps IEEE semantics (no fastmath): it must match torch's float64 steps.
+_SUMMARY_FLAGS = dict(nogil=True, error_model="numpy", cache=True, boundscheck=False)
+
+
+@njit(**_SUMMARY_FLAGS)
+def classification_summary(logits, mean, std, predictive, expected, mutual, label):
+    """The MC summary of logits ``[T, B, C]`` in one pass per input, in float64, as
+    :func:`service.ml.mc.summarize_classification` computes it with torch ops: per sample the
+    softmax (max-shifted) and its entropy (0 log 0 = 0), then over the samples the mean
+    probabilities, their population std (two passes), the entropy of the mean, the mean entropy,
+    their difference clamped at 0 and the first argmax. Fills the outputs (``mean``, ``std``
+    ``[B, C]``; ``predictive``, ``expected``, ``mutual``, ``label`` ``[B]``) and returns True;
+    returns False at the first logit that is not finite (the caller then takes torch's path)."""
+    samples, rows, classes = logits.shape
+    probabilities = np.empty((samples, classes))
+    for b in range(rows):
+        entropy_sum = 0.0
+        for c in range(classes):
+            mean[b, c] = 0.0
+        for t in range(samples):
+            top = -np.inf
+            for c in range(classes):
+                value = np.float64(logits[t, b, c])
+                if not np.isfinite(value):
+                    return False
+                top = max(top, value)
+            normaliser = 0.0
+            for c in range(classes):
+                e = np.exp(np.float64(logits[t, b, c]) - top)
+                probabilities[t, c] = e
+                normaliser += e
+            log_normaliser = np.log(normaliser)
+            entropy = 0.0
+            for c in range(classes):
+                p = probabilities[t, c] / normaliser
+                probabilities[t, c] = p
+                entropy -= p * ((np.float64(logits[t, b, c]) - top) - log_normaliser)
+                mean[b, c] += p
+            entropy_sum += entropy
+        best, total = 0, 0.0
+        for c in range(classes):
+            q = mean[b, c] / samples
+            mean[b, c] = q
+            if q > 0.0:
+                total -= q * np.log(q)
+            if q > mean[b, best]:
+                best = c
+        for c in range(classes):
+            spread = 0.0
+            for t in range(samples):
+                d = probabilities[t, c] - mean[b, c]
+                spread += d * d
+            std[b, c] = np.sqrt(spread / samples)
+        predictive[b] = total
+        expected[b] = entropy_sum / samples
+        mutual[b] = max(total - expected[b], 0.0)
+        label[b] = best
+    return True
+
+
 # Rows and biases are repeated to at least this many units, so that the kernels' flat loops run
 # in long stretches (see broadcast_dropout).
 RUN_UNITS = 256
@@ -210,3 +270,6 @@ def warm_up() -> None:
     bias_activation_dropout(out, bias, RELU, words, 0, key, key, 12, 205, 13)
     bias_activation_dropout(out, bias, IDENTITY, words[:0], 0, key, key, 0, 0, 0)
     transpose_bias_activation(out, bias, RELU, np.empty((3, 2), dtype=np.float32))
+    logits = np.zeros((2, 1, 3), dtype=np.float32)
+    classification_summary(logits, np.empty((1, 3)), np.empty((1, 3)), np.empty(1), np.empty(1), np.empty(1),
+                           np.empty(1, dtype=np.int64))

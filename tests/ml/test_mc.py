@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from service.ml import mc
 from service.ml.data import Standardizer, load_builtin
 from service.ml.mc import (
     NORMAL_95_QUANTILE,
@@ -167,6 +168,38 @@ def test_classification_summary_hand_cases():
     assert agree.predictive_entropy[0] == pytest.approx(math.log(4))
     assert agree.expected_entropy[0] == pytest.approx(math.log(4))
     assert agree.mutual_information[0] == pytest.approx(0.0, abs=1e-15)
+
+
+SUMMARY_FIELDS = ("probabilities", "probabilities_std", "predictive_entropy", "expected_entropy", "mutual_information")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(100, 1, 10), (100, 16, 10), (1, 3, 2), (7, 5, 3), (300, 4, 13)])
+def test_the_summary_kernel_matches_the_torch_ops(shape, dtype):
+    # A few rows on the CPU take one numba pass (mc_kernels.classification_summary); it must give
+    # what the torch ops give, in float64, saturated softmaxes and ties included.
+    generator = torch.Generator().manual_seed(sum(shape))
+    logits = (torch.randn(*shape, generator=generator) * torch.tensor([0.01, 1.0, 30.0, 200.0]).repeat(100)[
+        : shape[1], None]).to(dtype)
+    logits[:, 0, :] = logits[:, 0, :1]  # a row whose classes tie in every sample: the first argmax
+    kernel = mc._summarize_classification_kernel(logits.numpy())
+    assert kernel is not None
+    ops = mc._summarize_classification_torch(logits)
+    for name in SUMMARY_FIELDS:
+        np.testing.assert_allclose(getattr(kernel, name), getattr(ops, name), rtol=1e-12, atol=1e-14, err_msg=name)
+    np.testing.assert_array_equal(kernel.label, ops.label)
+    assert kernel.label[0] == 0
+
+
+def test_non_finite_logits_are_summarised_by_the_torch_ops():
+    logits = torch.randn(20, 3, 4, generator=torch.Generator().manual_seed(1))
+    logits[5, 1, 2] = float("nan")
+    logits[7, 2, 0] = float("inf")
+    assert mc._summarize_classification_kernel(logits.numpy()) is None
+    summary, ops = summarize_classification(logits), mc._summarize_classification_torch(logits)
+    for name in SUMMARY_FIELDS:
+        np.testing.assert_array_equal(getattr(summary, name), getattr(ops, name))
+    assert np.isnan(summary.predictive_entropy[1]) and np.isfinite(summary.predictive_entropy[0])
 
 
 def test_regression_summary():
