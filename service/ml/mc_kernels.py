@@ -19,6 +19,10 @@ splitmix64 (Steele, Lea & Flood 2014, the seeding generator of xoshiro) passes B
 plain counter; two keys per dropout layer are drawn from the engine's private ``torch.Generator``,
 so a seed still reproduces the samples.
 
+Two more kernels serve the engine's callers: :func:`transpose_bias_activation` puts a narrow last
+layer computed as W @ hᵀ back in row order, and :func:`classification_summary` summarises a few
+rows' logits in one pass (:func:`service.ml.mc.summarize_classification`).
+
 The kernels compile on first use (``cache=True`` keeps the machine code in ``__pycache__``, or in
 numba's per-user cache where that is read-only); :func:`warm_up` pays that at process start.
 """
