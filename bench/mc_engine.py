@@ -11,14 +11,15 @@
 
 On the CPU every row measures the fused path (float32 nets shaped ``Dropout (Linear [act]
 [Dropout])*`` after the cached prefix, i.e. every built-in net): blocks of rows that stay in
-cache, ``torch.mm`` (MKL) for the Linear layers and the numba kernels of
-``service.ml.mc_kernels`` drawing and applying masks, bias and ReLU in one pass. CPU-only
-sections explain the numbers:
+cache, MKL's sgemm for the Linear layers and the numba kernels of ``service.ml.mc_kernels``
+drawing and applying masks, bias and ReLU in one pass — for ReLU nets the whole call in one numba
+function (``service.ml.mc_whole``), its blocks shared out over the threads. CPU-only sections
+explain the numbers:
 
-* 2b. the fused path against the general torch path (``sample_outputs(..., fused=False)``),
-  batch 1, 16 and 64, both thread settings;
+* 2b. the fused path against its Python loop over blocks and the general torch path
+  (``sample_outputs(..., fused=False)``), batch 1, 16 and 64, both thread settings;
 * 2c. where the time of a batch-64 call goes at 1 thread: BLAS (the layers alone), the mask
-  kernels (the call's time minus its time with the kernels replaced by no-ops) and the rest;
+  kernels (alone, on the engine's blocks) and the rest;
 * 2d. the effect of the glibc malloc tuning on page faults.
 
 Both networks: the README's textbook classifier (64 → 64 ReLU → dropout 0.5 → 64 ReLU →
@@ -42,6 +43,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -159,15 +161,23 @@ def split_linears(net: nn.Sequential) -> tuple[list[nn.Linear], list[nn.Linear]]
 
 def engine_block_rows(net: nn.Sequential, batch: int, samples: int, device: torch.device) -> int:
     """Rows per block as ``sample_outputs`` (default ``max_elements``) splits the T·B rows: on the
-    CPU the fused path's ``min(T·B, 65536 // widest)``; elsewhere the general path's chunks of
-    ``max_elements // (B·widest)`` samples. ``widest``: the widest activation after the prefix."""
+    CPU the fused path's blocks (``service.ml.mc._block_rows``: at most 65536 // widest rows, and
+    for the whole call their number rounded up to a multiple of 4); elsewhere the general path's
+    chunks of ``max_elements // (B·widest)`` samples. ``widest``: the widest activation after the
+    prefix."""
     _, suffix = split_linears(net)
     widest = max([suffix[0].in_features] + [m.out_features for m in suffix])
     total, max_elements = samples * batch, 2**24
     if device.type == "cpu":  # every built-in float32 net takes the fused path there
-        return max(1, min(total, min(mc._FUSED_BLOCK_ELEMENTS, max_elements) // widest))
+        return mc._block_rows(total, widest, max_elements, whole=uses_whole_call(net))
     chunk = max(1, max_elements // max(1, batch * widest))
     return min(chunk, samples) * batch
+
+
+def uses_whole_call(net: nn.Sequential) -> bool:
+    """Whether the engine runs this net's fused CPU path as one machine-code call (service.ml.mc_whole)."""
+    fused = mc._compiled(net).fused
+    return fused is not None and fused.whole is not None and mc._WHOLE_CALL and mc._whole().available()
 
 
 class LayersAlone:
@@ -262,8 +272,21 @@ def measure(quick: bool = False, device: str | torch.device = "cpu",
     return results
 
 
+@contextlib.contextmanager
+def python_loop() -> Iterator[None]:
+    """The fused path as a Python loop over blocks (torch.mm and the kernels called block after
+    block) instead of the whole call in machine code, for the block."""
+    saved = mc._WHOLE_CALL
+    mc._WHOLE_CALL = False
+    try:
+        yield
+    finally:
+        mc._WHOLE_CALL = saved
+
+
 def path_comparison(quick: bool, threads: list[tuple[str, int]] | None = None) -> list[list[object]]:
-    """Rows of 2b: ms per call of the fused CPU path and of the general torch path, same net,
+    """Rows of 2b: ms per call of the fused CPU path as the engine runs it (the whole call where it
+    can), of the same path as a Python loop over blocks, and of the general torch path, same net,
     inputs, seed and threads, measured back to back."""
     rows: list[list[object]] = []
     for label, count in threads or thread_settings():
@@ -274,33 +297,66 @@ def path_comparison(quick: bool, threads: list[tuple[str, int]] | None = None) -
                 for batch in PATH_BATCHES:
                     x = torch.randn(batch, network.spec.n_inputs, generator=generator)
                     fused = seconds_per_call(lambda: sample_outputs(net, x, SAMPLES, SEED, fused=True), quick=quick)
+                    with python_loop():
+                        loop = seconds_per_call(lambda: sample_outputs(net, x, SAMPLES, SEED, fused=True), quick=quick)
                     general = seconds_per_call(lambda: sample_outputs(net, x, SAMPLES, SEED, fused=False), quick=quick)
-                    rows.append([network.name, label, batch, fused * 1e3, general * 1e3, general / fused])
+                    rows.append([network.name, label, batch, fused * 1e3, loop * 1e3, loop / fused, general * 1e3,
+                                 general / fused])
     return rows
 
 
-@contextlib.contextmanager
-def mask_kernels_disabled() -> Iterator[None]:
-    """Replace the fused path's two numba kernels by no-op Python functions for the block (the
-    engine then runs its blocks, matmuls and allocations on whatever the buffers hold)."""
-    kernels = mc._kernels()
-    saved = kernels.broadcast_dropout, kernels.bias_activation_dropout
+class KernelsAlone:
+    """The fused path's element-wise kernels on the engine's blocks of the T·B rows, with no
+    matmuls: per block the first dropout (the prefix broadcast and masked) and each hidden Linear's
+    bias, ReLU and dropout, then the last layer's bias (and, for a narrow one, the transposition
+    back to row order) — service.ml.mc_kernels' functions, called from Python on buffers of the
+    blocks' shapes. The whole call (service.ml.mc_whole) runs the same functions from machine code,
+    without the dispatch of a Python call (~1 µs each)."""
 
-    def no_op(*args: object) -> None:
-        return None
+    def __init__(self, net: nn.Sequential, batch: int, samples: int) -> None:
+        kernels, plan = mc._kernels(), mc._compiled(net).fused
+        self.kernels, self.plan = kernels, plan
+        generator = torch.Generator().manual_seed(6)
+        width = plan.layers[0].weight_t.shape[0]
+        self.prefix = kernels.tiled_rows(torch.randn(batch, width, generator=generator).numpy())
+        self.total = samples * batch
+        self.block = engine_block_rows(net, batch, samples, torch.device("cpu"))
+        self.keys = mc._fused_keys(2 * plan.dropouts, 1)
+        self.words = np.empty(kernels.words_for(self.block, plan.widest), dtype=np.uint64)
+        self.masked = torch.randn(self.block, width, generator=generator).numpy()
+        self.hidden = [torch.randn(self.block, layer.weight_t.shape[1], generator=generator).numpy()
+                       for layer in plan.layers[:-1]]
+        outputs = plan.layers[-1].weight_t.shape[1]
+        self.output = torch.randn(self.total, outputs, generator=generator).numpy()
+        self.transposed = (torch.randn(outputs, self.total, generator=generator).numpy()
+                           if plan.last_weight is not None else None)
 
-    kernels.broadcast_dropout = no_op
-    kernels.bias_activation_dropout = no_op
-    try:
-        yield
-    finally:
-        kernels.broadcast_dropout, kernels.bias_activation_dropout = saved
+    def __call__(self) -> None:
+        kernels, plan, keys, words = self.kernels, self.plan, self.keys, self.words
+        first = plan.first
+        for start in range(0, self.total, self.block):
+            n = min(self.block, self.total - start)
+            kernels.broadcast_dropout(self.prefix, self.masked[:n], words, start, keys[2 * first.index],
+                                      keys[2 * first.index + 1], first.top, first.low, first.threshold)
+            for layer, h in zip(plan.layers[:-1], self.hidden):
+                d, kind = layer.dropout, kernels.RELU if layer.relu else kernels.IDENTITY
+                if d is None:
+                    kernels.bias_activation_dropout(h[:n], layer.bias, kind, words[:0], 0, keys[0], keys[0], 0, 0, 0)
+                else:
+                    kernels.bias_activation_dropout(h[:n], layer.bias, kind, words, start, keys[2 * d.index],
+                                                    keys[2 * d.index + 1], d.top, d.low, d.threshold)
+        last = plan.layers[-1]
+        kind = kernels.RELU if last.relu else kernels.IDENTITY
+        if self.transposed is not None:
+            kernels.transpose_bias_activation(self.transposed, last.bias, kind, self.output)
+        elif plan.finish_last:
+            kernels.bias_activation_dropout(self.output, last.bias, kind, words[:0], 0, keys[0], keys[0], 0, 0, 0)
 
 
 def time_split(quick: bool, batch: int = 64) -> list[dict[str, float]]:
-    """2c: per network, at 1 thread, seconds per call of the engine, of the engine with the mask
-    kernels as no-ops, and of its BLAS calls alone (LayersAlone); each the median of a few rounds
-    measured back to back, so that the machine's load changes little between the three."""
+    """2c: per network, at 1 thread, seconds per call of the engine, of its BLAS calls alone
+    (LayersAlone) and of its element-wise kernels alone (KernelsAlone); each the median of a few
+    rounds measured back to back, so that the machine's load changes little between the three."""
     rounds = 1 if quick else 3
     results: list[dict[str, float]] = []
     with torch_threads(1):
@@ -308,18 +364,19 @@ def time_split(quick: bool, batch: int = 64) -> list[dict[str, float]]:
             net = build_network(network.spec, seed=0)
             x = torch.randn(batch, network.spec.n_inputs, generator=torch.Generator().manual_seed(3))
             layers = LayersAlone(net, batch, SAMPLES, torch.device("cpu"))
+            kernels = KernelsAlone(net, batch, SAMPLES)
             engine_s: list[float] = []
-            without_s: list[float] = []
+            kernels_s: list[float] = []
             layers_s: list[float] = []
             for _ in range(rounds):
                 engine_s.append(seconds_per_call(lambda: sample_outputs(net, x, SAMPLES, SEED), quick=quick))
-                with mask_kernels_disabled():
-                    without_s.append(seconds_per_call(lambda: sample_outputs(net, x, SAMPLES, SEED), quick=quick))
+                kernels_s.append(seconds_per_call(kernels, quick=quick))
                 layers_s.append(seconds_per_call(layers, quick=quick))
             total = statistics.median(engine_s)
             blas = statistics.median(layers_s)
-            kernels = total - statistics.median(without_s)
-            results.append({"total": total, "blas": blas, "kernels": kernels, "rest": total - blas - kernels})
+            kernels_time = statistics.median(kernels_s)
+            results.append({"total": total, "blas": blas, "kernels": kernels_time,
+                            "rest": total - blas - kernels_time})
     return results
 
 
@@ -445,24 +502,31 @@ def run(quick: bool = False, device: str | torch.device = "cpu",
     if device.type == "cpu":
         blocks = ", ".join(f"{engine_block_rows(build_network(n.spec), 64, SAMPLES, device):,} for the "
                            f"{n.name.split(',')[0]} net" for n in NETWORKS)
+        whole = all(uses_whole_call(build_network(n.spec)) for n in NETWORKS)
+        how = ("the whole call is one numba function (service.ml.mc_whole) that, per block, calls MKL's sgemm "
+               "(torch's own, on one thread) for each Linear and the kernels of service.ml.mc_kernels, which add "
+               "the bias, apply the ReLU and draw and apply the next dropout's mask in one pass (the first "
+               "dropout: one kernel broadcasts the cached prefix over the samples and masks it). With more than "
+               "one thread the blocks are shared out over the threads (the calling one and a pool), each running "
+               "its own blocks from end to end, so masks and matmuls scale together and a seed gives the same "
+               "samples whatever the threads" if whole else
+               "per block, torch.mm (MKL) computes each Linear into a buffer of the block and one numba kernel of "
+               "service.ml.mc_kernels adds the bias, applies the ReLU and draws and applies the next dropout's mask "
+               "in one pass (MKL's sgemm was not found in torch here, so the Python loop over blocks ran)")
         engine_notes = [
-            "The engine here is sample_outputs' fused CPU path: the T·B rows go in blocks of min(T·B, 65536 / "
-            f"widest activation) rows (at batch 64: {blocks}) that stay in the core's "
-            "cache; per block, torch.mm (MKL) computes each Linear into a buffer of the block and one numba "
-            "kernel of service.ml.mc_kernels adds the bias, applies the ReLU and draws and applies the next "
-            "dropout's mask in one pass (the first dropout: one kernel broadcasts the cached prefix over the "
-            "samples and masks it).",
-            "Layers alone: the net's own Linear layers computed as the fused path computes them — torch.mm with "
-            "out= on blocks of the same rows over the T·B rows, the prefix Linear once over B rows — with no "
-            "masks, bias or activation: the ceiling of any engine that makes the same BLAS calls. The UCI net's "
+            "The engine here is sample_outputs' fused CPU path: the T·B rows go in blocks of at most 65536 / "
+            f"widest activation rows, their number a multiple of 4 (at batch 64: {blocks}) that stay in the "
+            f"core's cache; {how}.",
+            "Layers alone: the net's own Linear layers computed on the engine's blocks — torch.mm with out= on "
+            "blocks of the same rows over the T·B rows, the prefix Linear once over B rows — with no masks, bias "
+            "or activation: at 1 thread the ceiling of any engine that makes the same BLAS calls. At more threads "
+            "MKL parallelises each of these matmuls, while the engine runs whole blocks on each thread, so it "
+            "can beat them. The UCI net's "
             "[·, 13] @ [13, 50] and [·, 50] @ [50, 1] are shapes the BLAS runs below the square matmul of the "
             "baseline, so its layers alone reach a smaller share of the matmul than the textbook net's, and with "
             "22 Linear FLOPs per mask element (textbook: 75) its masks weigh 3.4x as much per FLOP (2c).",
-            f"Engine GFLOP/s as a share of layers-alone GFLOP/s (how close the engine comes to that ceiling), "
+            f"Engine GFLOP/s as a share of layers-alone GFLOP/s (at 1 thread how close the engine comes to that ceiling), "
             f"batch 64: {of_ceiling}.",
-            "With more than one thread MKL parallelises the matmuls (the baseline's and the layers-alone ones) "
-            "but the mask kernels run on one core, so the engine's ratios are lower at torch's default threads "
-            "than at 1 thread.",
         ]
     else:
         engine_notes = [
@@ -494,14 +558,19 @@ def run(quick: bool = False, device: str | torch.device = "cpu",
         path_rows = path_comparison(quick, threads)
         sections.append(Section(
             key="mc-engine-paths",
-            title=f"2b. Fused CPU path vs the general torch path (T = {SAMPLES})",
-            baseline="sample_outputs(..., fused=False): the general path (torch ops over chunks of T samples, masks "
-                     "from 16-bit lanes of a torch.Generator), same net, inputs, seed and threads",
-            columns=["network", "threads", "batch", "fused ms/call", "general ms/call", "speed-up"],
+            title=f"2b. Fused CPU path (whole call) vs its Python loop and the general torch path (T = {SAMPLES})",
+            baseline="the same fused path as a Python loop over blocks (torch.mm and the kernels called block after "
+                     "block, the engine's fallback where MKL's sgemm is not found), and sample_outputs(..., "
+                     "fused=False): the general path (torch ops over chunks of T samples, masks from 16-bit lanes of "
+                     "a torch.Generator); same net, inputs, seed and threads",
+            columns=["network", "threads", "batch", "fused ms/call", "Python loop ms/call", "speed-up vs loop",
+                     "general ms/call", "speed-up vs general"],
             rows=path_rows,
-            notes=["Both paths draw masks with the same distribution (different masks for the same seed). The two "
-                   "calls of a row are measured back to back. At torch's default threads both paths' matmuls are "
-                   "OpenMP parallel regions, so another process on the cores slows them by uneven amounts (see 1).",
+            notes=["The fused path and its Python loop draw the same masks (the same samples up to MKL's rounding); "
+                   "the general path draws masks with the same distribution (different masks for the same seed). "
+                   "The three calls of a row are measured back to back. At torch's default threads the Python "
+                   "loop's and the general path's matmuls are OpenMP parallel regions, so another process on the "
+                   "cores slows them by uneven amounts (see 1).",
                    f"Load average (1/5/15 min) {load_before} before, {load_average()} after: the machine is shared, "
                    "so compare ratios, not absolute times."],
         ))
@@ -520,10 +589,11 @@ def run(quick: bool = False, device: str | torch.device = "cpu",
                      "mask kernels share", "rest µs/call", "rest share"],
             rows=split_rows,
             notes=["BLAS: the layers-alone time of section 2 (torch.mm with out= on the engine's blocks, no masks, "
-                   "bias or activation), measured here. Mask kernels: the call's time minus its time with "
-                   "service.ml.mc_kernels.broadcast_dropout and .bias_activation_dropout replaced by no-op Python "
-                   "functions (numba's per-call dispatch counts as kernel time). Rest: engine − BLAS − kernels — "
-                   "Python, allocations, the key draw, the cached prefix. Each is the median of "
+                   "bias or activation), measured here. Mask kernels: the kernels of service.ml.mc_kernels alone on "
+                   "buffers of the engine's blocks (the first dropout, each hidden layer's bias, ReLU and dropout, "
+                   "the last layer's bias), called from Python (bench.mc_engine.KernelsAlone). Rest: engine − BLAS − "
+                   "kernels — Python, allocations, the key draw, the cached prefix, and what the kernels and the "
+                   "matmuls cost each other in cache when interleaved. Each is the median of "
                    f"{1 if quick else 3} round(s) of the three measured back to back; noise can make a small share "
                    "negative."],
         ))

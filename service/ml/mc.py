@@ -277,6 +277,40 @@ class _FusedPlan(NamedTuple):
     dropouts: int
     finish_last: bool  # whether the last layer has a bias or an activation to apply
     last_weight: Tensor | None  # [out, in] contiguous for a narrow last layer, computed as W @ hᵀ
+    whole: _WholePlan | None  # the plan as mc_whole.run_blocks takes it: ReLU or no activation only
+
+
+class _WholePlan(NamedTuple):
+    """The arguments of :func:`service.ml.mc_whole.run_blocks` that describe the net."""
+    first: np.ndarray  # int64 (top, low, threshold, key index) of the first dropout
+    layers: np.ndarray  # int64 [Linear layers, mc_whole.COLUMNS]
+    weights: np.ndarray  # float32, flat
+    biases: np.ndarray  # float32, flat
+
+
+def _whole_plan(first: _FusedDropout, layers: list[_FusedLayer], last_weight: Tensor | None) -> _WholePlan | None:
+    """The fused plan as flat arrays for :mod:`service.ml.mc_whole`; None where a layer has an
+    activation other than ReLU (applied by torch between the kernels)."""
+    if any(layer.activation is not None for layer in layers):
+        return None
+    from service.ml import mc_whole
+
+    table = np.zeros((len(layers), mc_whole.COLUMNS), dtype=np.int64)
+    weights, biases, weight_at, bias_at = [], [], 0, 0
+    for i, layer in enumerate(layers):
+        narrow = i == len(layers) - 1 and last_weight is not None
+        weight = (last_weight if narrow else layer.weight_t).numpy().reshape(-1)
+        d = layer.dropout
+        table[i] = (layer.weight_t.shape[0], layer.weight_t.shape[1], weight_at, bias_at, layer.bias.size,
+                    layer.relu, d is not None, d.top if d else 0, d.low if d else 0, d.threshold if d else 0,
+                    2 * d.index if d else 0, narrow, layer.relu or bool(layer.bias.any()))
+        weights.append(weight)
+        biases.append(layer.bias)
+        weight_at += weight.size
+        bias_at += layer.bias.size
+    return _WholePlan(np.array([first.top, first.low, first.threshold, 2 * first.index], dtype=np.int64), table,
+                      np.ascontiguousarray(np.concatenate(weights), dtype=np.float32),
+                      np.ascontiguousarray(np.concatenate(biases), dtype=np.float32))
 
 
 def _kernels():  # noqa: ANN202 (a module)
@@ -291,6 +325,19 @@ def _kernels():  # noqa: ANN202 (a module)
 
 
 _KERNELS = None
+_WHOLE = None
+# Whether the fused path runs its whole call in service.ml.mc_whole where it can (tests and the
+# benchmarks turn it off to compare with the Python loop over blocks).
+_WHOLE_CALL = True
+
+
+def _whole():  # noqa: ANN202 (a module)
+    global _WHOLE
+    if _WHOLE is None:
+        from service.ml import mc_whole
+
+        _WHOLE = mc_whole
+    return _WHOLE
 
 
 def _fused_plan(suffix: list[nn.Module]) -> _FusedPlan | None:
@@ -341,7 +388,8 @@ def _fused_plan(suffix: list[nn.Module]) -> _FusedPlan | None:
     finish_last = last.activation is not None or last.relu or bool(last.bias.any())
     outputs = last.weight_t.shape[1]
     last_weight = last.weight_t.t().contiguous() if 1 < outputs < _NARROW_OUTPUTS else None
-    return _FusedPlan(first, layers, widest, len(dropouts), finish_last, last_weight)
+    return _FusedPlan(first, layers, widest, len(dropouts), finish_last, last_weight,
+                      _whole_plan(first, layers, last_weight))
 
 
 def _fused_keys(count: int, seed: int | None) -> np.ndarray:
@@ -356,11 +404,21 @@ def _fused_keys(count: int, seed: int | None) -> np.ndarray:
 def _run_fused(prefix: Tensor, plan: _FusedPlan, samples: int, keys: np.ndarray, max_elements: int) -> Tensor:
     """``samples`` passes over ``prefix [rows, width]`` by blocks of rows: a new
     ``[samples * rows, n_out]``. Row ``t * rows + b`` is sample ``t`` of input ``b``; its masks
-    depend on the keys and its row number only, so the block size does not change them."""
+    depend on the keys and its row number only, so the block size does not change them.
+
+    Where :mod:`service.ml.mc_whole` can (MKL found, ReLU or no activation) the whole loop runs
+    there, in machine code, its blocks split over ``torch.get_num_threads()`` threads; otherwise
+    this Python loop calls ``torch.mm`` and the kernels block after block."""
     mc_kernels = _kernels()
     total = samples * prefix.shape[0]
-    block = max(1, min(total, min(_FUSED_BLOCK_ELEMENTS, max_elements) // plan.widest))
+    whole = plan.whole if _WHOLE_CALL and plan.whole is not None and _whole().available() else None
+    block = _block_rows(total, plan.widest, max_elements, whole is not None)
     prefix_np = mc_kernels.tiled_rows(prefix.contiguous().numpy())  # row (t·B + b) % its rows is b
+    if whole is not None:
+        output = torch.empty(total, plan.layers[-1].weight_t.shape[1])
+        _whole().run(prefix_np, whole.first, whole.layers, whole.weights, whole.biases, keys, output.numpy(), block,
+                     torch.get_num_threads())
+        return output
     first, last = plan.first, plan.layers[-1]
     first_args = (keys[2 * first.index], keys[2 * first.index + 1], first.top, first.low, first.threshold)
     masked = torch.empty(block, prefix.shape[1])
@@ -398,6 +456,25 @@ def _run_fused(prefix: Tensor, plan: _FusedPlan, samples: int, keys: np.ndarray,
 
 
 _NO_WORDS = np.empty(0, dtype=np.uint64)  # a kernel call without dropout
+# The whole-call path splits the rows into a multiple of this many blocks (where it needs more than
+# one), so that 1, 2 or 4 threads get equal shares of whole blocks.
+_BLOCK_MULTIPLE = 4
+
+
+def _block_rows(total: int, widest: int, max_elements: int, whole: bool) -> int:
+    """Rows per block of the fused path: as many as keep ``widest`` activations of the block in
+    ``_FUSED_BLOCK_ELEMENTS`` (and ``max_elements``); for the whole-call path (``whole``) the fewest
+    blocks of at most that many rows, their number rounded up to a multiple of ``_BLOCK_MULTIPLE``,
+    then the rows shared out equally (the last block may be smaller, and where the blocks are many,
+    one fewer). It
+    depends on the call's shape only, never on the threads: each block's matmuls run on one thread,
+    so a seed gives the same samples whatever the number of threads."""
+    largest = max(1, min(total, min(_FUSED_BLOCK_ELEMENTS, max_elements) // widest))
+    if not whole or largest >= total:
+        return largest
+    blocks = -(-total // largest)
+    blocks = -(-blocks // _BLOCK_MULTIPLE) * _BLOCK_MULTIPLE
+    return -(-total // blocks)
 
 
 def _finish_layer(h: Tensor, layer: _FusedLayer, words: np.ndarray, start: int, keys: np.ndarray) -> None:
@@ -545,7 +622,10 @@ def _sample(
     x = torch.as_tensor(x).to(device=compiled.device, dtype=torch.float32)
     if x.ndim != 2:
         raise ValueError(f"inputs must have shape [batch, features], got {tuple(x.shape)}")
-    with torch.inference_mode(), _eval_mode(net, compiled.modules):
+    whole = (fused and compiled.fused is not None and compiled.fused.whole is not None and _WHOLE_CALL
+             and compiled.device.type == "cpu" and torch.get_num_threads() > 1)
+    with torch.inference_mode(), _eval_mode(net, compiled.modules), (
+            _whole().one_mkl_thread() if whole else contextlib.nullcontext()):
         prefix = x
         for step in compiled.prefix:
             prefix = step(prefix)
@@ -589,6 +669,7 @@ def warm_up() -> None:
     net = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Dropout(0.5), nn.Linear(4, 4), nn.ReLU(),
                         nn.Dropout(0.05), nn.Linear(4, 1))
     sample_outputs(net, torch.zeros(1, 2), 2, seed=0)
+    _kernels().warm_up()  # the kernels as the Python loop over blocks calls them (nets with tanh or GELU)
 
 
 def sample_outputs_loop(

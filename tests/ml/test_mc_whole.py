@@ -1,0 +1,163 @@
+"""The fused path's whole call in machine code (service.ml.mc_whole): the same samples as the
+Python loop over blocks, whatever the threads, the block size or the caller (threads, a forked
+child)."""
+
+import multiprocessing
+import platform
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+from service.ml import mc, mc_whole
+from service.ml.mc import sample_outputs
+from service.ml.nets import NetworkSpec, build_network
+from tests.ml.test_mc import inputs
+
+
+@pytest.fixture
+def threads():
+    """Sets torch's threads for a test and restores them."""
+    previous = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def python_loop():
+    """Runs the block under the Python loop over blocks instead of the whole call."""
+    def run(fn):
+        mc._WHOLE_CALL = False
+        try:
+            return fn()
+        finally:
+            mc._WHOLE_CALL = True
+    return run
+
+
+def _n_inputs(net: nn.Sequential) -> int:
+    return next(m for m in net if isinstance(m, nn.Linear)).in_features
+
+
+def _manual(seed: int, *modules_of) -> nn.Sequential:
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return nn.Sequential(*[make() for make in modules_of])
+
+
+NETS = {
+    "textbook": lambda: build_network(NetworkSpec(64, 10, (64, 64), (0.5, 0.5)), seed=0),
+    "uci, one output": lambda: build_network(NetworkSpec(13, 1, (50,), (0.05,), input_dropout=0.05), seed=0),
+    "three hidden, refined lanes": lambda: build_network(
+        NetworkSpec(7, 3, (33, 17, 9), (0.1, 0.3, 0.2), input_dropout=0.2), seed=1),
+    # No dropout between two Linear layers, no biases, a ReLU after the narrow last layer.
+    "no middle dropout, no bias, relu last": lambda: _manual(
+        2, lambda: nn.Linear(6, 20, bias=False), lambda: nn.Dropout(0.3), lambda: nn.Linear(20, 12), nn.ReLU,
+        lambda: nn.Linear(12, 4, bias=False), nn.ReLU),
+    "wide output": lambda: _manual(3, lambda: nn.Linear(5, 30), lambda: nn.Dropout(0.5), lambda: nn.Linear(30, 40)),
+}
+
+
+def test_the_whole_call_is_used_where_torch_has_mkl():
+    if not (torch.backends.mkl.is_available() and platform.system() == "Linux" and platform.machine() == "x86_64"):
+        pytest.skip("torch without MKL here: the engine keeps its Python loop")
+    assert mc_whole.available()
+    assert mc._compiled(NETS["textbook"]()).fused.whole is not None
+
+
+@pytest.mark.parametrize("name", list(NETS))
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_the_whole_call_gives_the_python_loops_samples(name, batch, threads, python_loop):
+    if not mc_whole.available():
+        pytest.skip("no MKL in torch here")
+    net = NETS[name]()
+    x = torch.randn(batch, _n_inputs(net), generator=torch.Generator().manual_seed(batch))
+    assert mc._compiled(net).fused.whole is not None
+    threads(1)
+    for max_elements in (2**24, 300):  # one block or several, then many
+        whole = sample_outputs(net, x, 100, seed=11, max_elements=max_elements)
+        loop = python_loop(lambda: sample_outputs(net, x, 100, seed=11, max_elements=max_elements))
+        # The same masks; the two call MKL on differently laid out blocks, so may round by an ulp.
+        torch.testing.assert_close(whole, loop, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["textbook", "three hidden, refined lanes"])
+def test_a_seed_gives_the_same_samples_whatever_the_threads(name, threads):
+    net = NETS[name]()
+    x = torch.randn(64, _n_inputs(net), generator=torch.Generator().manual_seed(0))
+    results = []
+    for count in (1, 2, 3):
+        threads(count)
+        results.append(sample_outputs(net, x, 100, seed=5))
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+    assert not torch.equal(results[0], sample_outputs(net, x, 100, seed=6))
+
+
+@pytest.mark.parametrize("total", [1, 99, 100, 101, 1023, 1024, 1025, 6400, 6401, 100_000])
+@pytest.mark.parametrize("widest", [1, 13, 64, 1000])
+def test_whole_call_blocks_are_equal_but_for_the_last(total, widest):
+    largest = mc._block_rows(total, widest, 2**24, whole=False)
+    block = mc._block_rows(total, widest, 2**24, whole=True)
+    blocks = -(-total // block)
+    assert 1 <= block <= largest
+    assert block == total if largest >= total else blocks >= mc._BLOCK_MULTIPLE
+    assert blocks * block - total < block
+
+
+@pytest.mark.parametrize(("total", "widest", "expected"), [
+    (6400, 64, (8, 800)), (6400, 50, (8, 800)), (1600, 64, (4, 400)), (100, 64, (1, 100)), (64_000, 64, (64, 1000))])
+def test_a_calls_blocks_share_out_evenly_over_one_two_or_four_threads(total, widest, expected):
+    block = mc._block_rows(total, widest, 2**24, whole=True)
+    assert (-(-total // block), block) == expected
+
+
+def test_concurrent_callers_get_their_own_samples(threads):
+    threads(2)
+    net = NETS["textbook"]()
+    x = torch.randn(64, 64, generator=torch.Generator().manual_seed(1))
+    expected = {seed: sample_outputs(net, x, 100, seed=seed) for seed in range(6)}
+    got: dict[int, torch.Tensor] = {}
+
+    def call(seed: int) -> None:
+        for _ in range(5):
+            got[seed] = sample_outputs(net, x, 100, seed=seed)
+
+    workers = [threading.Thread(target=call, args=(seed,)) for seed in expected]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    assert all(torch.equal(got[seed], expected[seed]) for seed in expected)
+
+
+def _sample_in_child(queue) -> None:
+    torch.set_num_threads(2)
+    net = NETS["textbook"]()
+    x = torch.randn(64, 64, generator=torch.Generator().manual_seed(2))
+    queue.put(sample_outputs(net, x, 100, seed=3).numpy())
+
+
+def test_a_forked_child_splits_its_calls_too(threads):
+    # The parent's thread pool does not survive a fork (as in a prefork Celery worker): the
+    # child must make its own, not wait on threads it does not have.
+    threads(2)
+    net = NETS["textbook"]()
+    x = torch.randn(64, 64, generator=torch.Generator().manual_seed(2))
+    expected = sample_outputs(net, x, 100, seed=3)
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_sample_in_child, args=(queue,))
+    child.start()
+    try:
+        result = queue.get(timeout=120)
+    finally:
+        child.join(timeout=60)
+    assert child.exitcode == 0
+    assert torch.equal(torch.from_numpy(result), expected)
+
+
+def test_nets_with_torch_activations_keep_the_python_loop():
+    net = build_network(NetworkSpec(5, 3, (32, 16), (0.5, 0.2), activation="tanh"), seed=0)
+    fused = mc._compiled(net).fused
+    assert fused is not None and fused.whole is None
