@@ -161,3 +161,17 @@ def test_nets_with_torch_activations_keep_the_python_loop():
     net = build_network(NetworkSpec(5, 3, (32, 16), (0.5, 0.2), activation="tanh"), seed=0)
     fused = mc._compiled(net).fused
     assert fused is not None and fused.whole is None
+
+
+def test_warm_up_compiles_what_seeded_and_unseeded_calls_run():
+    # A signature first seen in a request would compile there (seconds), not at start-up.
+    if not mc_whole.available():
+        pytest.skip("no MKL in torch here")
+    mc.warm_up()
+    signatures = set(mc_whole.run_blocks.signatures)
+    net = NETS["textbook"]()
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
+    sample_outputs(net, x, 10, seed=1)
+    sample_outputs(net, x, 10)
+    sample_outputs(net, x.numpy(), 10)
+    assert set(mc_whole.run_blocks.signatures) == signatures
