@@ -413,12 +413,12 @@ def _run_fused(prefix: Tensor, plan: _FusedPlan, samples: int, keys: np.ndarray,
     total = samples * prefix.shape[0]
     whole = plan.whole if _WHOLE_CALL and plan.whole is not None and _whole().available() else None
     block = _block_rows(total, plan.widest, max_elements, whole is not None)
-    prefix_np = mc_kernels.tiled_rows(prefix.contiguous().numpy())  # row (t·B + b) % its rows is b
     if whole is not None:
-        output = torch.empty(total, plan.layers[-1].weight_t.shape[1])
-        _whole().run(prefix_np, whole.first, whole.layers, whole.weights, whole.biases, keys, output.numpy(), block,
-                     torch.get_num_threads())
-        return output
+        output = np.empty((total, plan.layers[-1].weight_t.shape[1]), dtype=np.float32)
+        _whole().run(prefix.contiguous().numpy(), whole.first, whole.layers, whole.weights, whole.biases, keys, output,
+                     block, torch.get_num_threads())
+        return torch.from_numpy(output)
+    prefix_np = mc_kernels.tiled_rows(prefix.contiguous().numpy())  # row (t·B + b) % its rows is b
     first, last = plan.first, plan.layers[-1]
     first_args = (keys[2 * first.index], keys[2 * first.index + 1], first.top, first.low, first.threshold)
     masked = torch.empty(block, prefix.shape[1])

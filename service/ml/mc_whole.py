@@ -64,14 +64,21 @@ def _matmul(a_ptr, b_ptr, c_ptr, m, n, k, lda, ldb, ldc, trans_a, trans_b, ints,
 @njit(**_FLAGS)
 def run_blocks(prefix, first, layers, weights, biases, keys, out, block, first_block, end_block):
     """Blocks ``first_block .. end_block`` of ``block`` rows of the T·B rows into ``out [T·B, n_out]``.
+    Only where :func:`available` is True (this module checks it on import; :func:`run` again).
 
-    ``prefix``: the cached prefix (``tiled_rows``), ``first``: the first dropout's ``(top, low,
+    ``prefix``: the cached prefix ``[B, width]`` (repeated here as ``tiled_rows`` does), ``first``: the first dropout's ``(top, low,
     threshold, key)``; ``layers``: the int64 table (columns IN ... NARROW), ``weights`` and
     ``biases``: flat float32 arrays it points into — a hidden Linear's ``Wᵀ [in, out]``, a narrow last
     one's ``W [out, in]`` (computed as W @ hᵀ and transposed back), each bias repeated
     (``tiled_bias``). Runs MKL on one thread on this thread, as it was set again after."""
     total, n_out = out.shape
-    width = prefix.shape[1]
+    rows, width = prefix.shape
+    if rows * width < mc_kernels.RUN_UNITS:  # as mc_kernels.tiled_rows: whole copies, long flat runs
+        repeats = -(-mc_kernels.RUN_UNITS // max(1, rows * width))
+        tiled = np.empty((rows * repeats, width), dtype=np.float32)
+        for r in range(rows * repeats):
+            tiled[r] = prefix[r % rows]
+        prefix = tiled
     count = layers.shape[0]
     widest = width
     hidden_size = 0
@@ -210,6 +217,8 @@ def run(prefix: np.ndarray, first: np.ndarray, layers: np.ndarray, weights: np.n
         keys: np.ndarray, out: np.ndarray, block: int, threads: int) -> None:
     """Fill ``out [T·B, n_out]`` (see :func:`run_blocks`), the blocks split over up to ``threads``
     threads in contiguous runs: the calling thread takes the first, a small pool the others."""
+    if not available():  # run_blocks' machine code would call an unresolved sgemm_
+        raise RuntimeError("MKL's sgemm was not found in torch's library: use the engine's Python loop")
     blocks = -(-out.shape[0] // block)
     parts = max(1, min(threads, blocks))
     if parts == 1:
@@ -241,3 +250,6 @@ def warm_up() -> None:
     for each in (keys, unseeded):
         run_blocks(prefix, first, layers, np.zeros(6, dtype=np.float32), np.zeros(2, dtype=np.float32), each,
                    np.empty((2, 2), dtype=np.float32), 2, 0, 1)
+
+
+available()  # before anything can call run_blocks: its cached machine code links to sgemm_ on load
