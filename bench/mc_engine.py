@@ -384,6 +384,35 @@ def time_split(quick: bool, batch: int = 64) -> list[dict[str, float]]:
     return results
 
 
+def mask_units(net: nn.Sequential, batch: int, samples: int) -> int:
+    """Dropout mask elements a fused call draws: T·B rows times the width of each sampled dropout."""
+    plan = mc._compiled(net).fused
+    widths = [plan.layers[0].weight_t.shape[0]] + [layer.weight_t.shape[1] for layer in plan.layers
+                                                   if layer.dropout is not None]
+    return samples * batch * sum(widths)
+
+
+def budget_notes(results: list[Measurement], split: list[dict[str, float]], batch: int = 64) -> list[str]:
+    """Per network, what the 50 % target of item 2 leaves for the masks at 1 thread, from 2c's times:
+    the call may take 2 × FLOPs / matmul GFLOP/s; the BLAS calls alone take what 2c measured."""
+    notes = []
+    for network, part in zip(NETWORKS, split):
+        m = next((m for m in results if m.network is network and m.threads == "1" and m.batch == batch), None)
+        if m is None:
+            continue
+        budget = m.flops / (PEAK_FRACTION_TARGET * m.matmul_gflops * 1e9)
+        units = mask_units(build_network(network.spec, seed=0), batch, SAMPLES)
+        left = budget - part["blas"]
+        rest = (f"which leaves {left * 1e6:,.0f} µs for the {units:,} mask elements (and the bias and ReLU): "
+                f"{left / units * 1e9:.2f} ns each, where the kernels alone take {part['kernels'] / units * 1e9:.2f} "
+                "ns each" if left > 0 else
+                f"{-left * 1e6:,.0f} µs over it before a single one of the {units:,} mask elements is drawn")
+        notes.append(f"Budget, {network.name}: 50 % of the matmul's {m.matmul_gflops:.1f} GFLOP/s allows "
+                     f"{budget * 1e6:,.0f} µs a call for its {m.flops / 1e6:.2f} MFLOP. Its BLAS calls alone take "
+                     f"{part['blas'] * 1e6:,.0f} µs, {rest}.")
+    return notes
+
+
 def allocation_probe(quick: bool) -> dict[str, dict[str, float]]:
     """The engine at batch 64, 1 thread: ms per call, minor page faults per call, and the share of
     this process's matmul GFLOP/s ([T·64, width] @ [width, width]) that the call reaches."""
@@ -600,7 +629,7 @@ def run(quick: bool = False, device: str | torch.device = "cpu",
                    "kernels — Python, allocations, the key draw, the cached prefix, and what the kernels and the "
                    "matmuls cost each other in cache when interleaved. Each is the median of "
                    f"{1 if quick else 3} round(s) of the three measured back to back; noise can make a small share "
-                   "negative."],
+                   "negative."] + budget_notes(results, split),
         ))
         sections.append(allocation_section(quick))
     return sections

@@ -8,8 +8,9 @@ masks come from keys or a ``torch.Generator`` private to the call — never the 
 concurrent calls are safe and a seed reproduces the samples exactly. Each dropout rate is
 rounded to a multiple of 2**-16 (as in :mod:`service.ml.sweep`) and each 1/keep scale is folded
 into the next Linear. On the CPU the masks are drawn and applied in cache-sized blocks of rows
-by the fused kernels of :mod:`service.ml.mc_kernels`; elsewhere by torch ops on tensors the
-engine creates. What a call needs of the net (the plans, the scaled weights) is kept per net
+by the fused kernels of :mod:`service.ml.mc_kernels` — for ReLU nets the whole loop over blocks in
+one machine-code call (:mod:`service.ml.mc_whole`) that shares the blocks out over torch's
+threads; elsewhere by torch ops on tensors the engine creates. What a call needs of the net (the plans, the scaled weights) is kept per net
 while its modules, parameters and rates stay the same. :func:`sample_outputs_loop` is the
 reference.
 """

@@ -175,3 +175,17 @@ def test_warm_up_compiles_what_seeded_and_unseeded_calls_run():
     sample_outputs(net, x, 10)
     sample_outputs(net, x.numpy(), 10)
     assert set(mc_whole.run_blocks.signatures) == signatures
+
+
+def test_mkls_threads_on_the_calling_thread_are_restored(threads):
+    # The call runs MKL on one thread (its blocks, the cached prefix), then puts it back.
+    if not mc_whole.available():
+        pytest.skip("no MKL in torch here")
+    set_local = mc_whole._SET_LOCAL_THREADS[0]
+    threads(2)
+    net = NETS["textbook"]()
+    x = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
+    for local in (0, 3):  # MKL's own default (0: no thread-local setting), or one a caller set
+        set_local(local)
+        sample_outputs(net, x, 100, seed=1)
+        assert set_local(0) == local
