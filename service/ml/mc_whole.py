@@ -34,7 +34,7 @@ import numpy as np
 from numba import njit, types
 
 from service.ml import mc_kernels
-from service.ml.mc_kernels import bias_activation_dropout, broadcast_dropout
+from service.ml.mc_kernels import bias_activation_dropout, broadcast_dropout, transpose_bias_activation
 
 # BLAS and MKL service functions as the linker sees them (resolved in libtorch_cpu, see _load):
 # sgemm_ is the Fortran interface (every argument by address, 32-bit integers); the addresses are
@@ -123,17 +123,8 @@ def run_blocks(prefix, first, layers, weights, biases, keys, out, block, first_b
                 # row-major tᵀ [m, n] = W [m, k] @ hᵀ: column-major t [n, m] = op(h)ᵀ @ W
                 _matmul(h.ctypes.data, w.ctypes.data, transposed.ctypes.data, n, m, k, k, k, n, _T, _N,
                         ints, floats, chars)
-                src = transposed[: m * n].reshape((m, n))
-                dst = flat_out[start * n_out : (start + n) * n_out].reshape((n, n_out))
-                zero = np.float32(0.0)
-                if relu == mc_kernels.RELU:
-                    for r in range(n):
-                        for j in range(m):
-                            dst[r, j] = max(src[j, r] + bias[j], zero)
-                else:
-                    for r in range(n):
-                        for j in range(m):
-                            dst[r, j] = src[j, r] + bias[j]
+                transpose_bias_activation(transposed[: m * n].reshape((m, n)), bias, relu,
+                                          flat_out[start * n_out : (start + n) * n_out].reshape((n, n_out)))
             else:
                 dst = flat_out[start * n_out : (start + n) * n_out].reshape((n, n_out))
                 _matmul(w.ctypes.data, h.ctypes.data, dst.ctypes.data, m, n, k, m, k, m, _N, _N, ints, floats, chars)
