@@ -558,8 +558,8 @@ def run(quick: bool = False, device: str | torch.device = "cpu",
             "[·, 13] @ [13, 50] and [·, 50] @ [50, 1] are shapes the BLAS runs below the square matmul of the "
             "baseline, so its layers alone reach a smaller share of the matmul than the textbook net's, and with "
             "22 Linear FLOPs per mask element (textbook: 75) its masks weigh 3.4x as much per FLOP (2c).",
-            f"Engine GFLOP/s as a share of layers-alone GFLOP/s (at 1 thread how close the engine comes to that ceiling), "
-            f"batch 64: {of_ceiling}.",
+            "Engine GFLOP/s as a share of layers-alone GFLOP/s (at 1 thread how close the engine comes to that "
+            f"ceiling), batch 64: {of_ceiling}.",
         ]
     else:
         engine_notes = [

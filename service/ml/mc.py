@@ -10,9 +10,9 @@ rounded to a multiple of 2**-16 (as in :mod:`service.ml.sweep`) and each 1/keep 
 into the next Linear. On the CPU the masks are drawn and applied in cache-sized blocks of rows
 by the fused kernels of :mod:`service.ml.mc_kernels` — for ReLU nets the whole loop over blocks in
 one machine-code call (:mod:`service.ml.mc_whole`) that shares the blocks out over torch's
-threads; elsewhere by torch ops on tensors the engine creates. What a call needs of the net (the plans, the scaled weights) is kept per net
-while its modules, parameters and rates stay the same. :func:`sample_outputs_loop` is the
-reference.
+threads; elsewhere by torch ops on tensors the engine creates. What a call needs of the net (the
+plans, the scaled weights) is kept per net while its modules, parameters and rates stay the same.
+:func:`sample_outputs_loop` is the reference.
 """
 
 from __future__ import annotations
@@ -467,9 +467,8 @@ def _block_rows(total: int, widest: int, max_elements: int, whole: bool) -> int:
     ``_FUSED_BLOCK_ELEMENTS`` (and ``max_elements``); for the whole-call path (``whole``) the fewest
     blocks of at most that many rows, their number rounded up to a multiple of ``_BLOCK_MULTIPLE``,
     then the rows shared out equally (the last block may be smaller, and where the blocks are many,
-    one fewer). It
-    depends on the call's shape only, never on the threads: each block's matmuls run on one thread,
-    so a seed gives the same samples whatever the number of threads."""
+    one fewer). It depends on the call's shape only, never on the threads: each block's matmuls run
+    on one thread, so a seed gives the same samples whatever the number of threads."""
     largest = max(1, min(total, min(_FUSED_BLOCK_ELEMENTS, max_elements) // widest))
     if not whole or largest >= total:
         return largest

@@ -66,11 +66,12 @@ def run_blocks(prefix, first, layers, weights, biases, keys, out, block, first_b
     """Blocks ``first_block .. end_block`` of ``block`` rows of the T·B rows into ``out [T·B, n_out]``.
     Only where :func:`available` is True (this module checks it on import; :func:`run` again).
 
-    ``prefix``: the cached prefix ``[B, width]`` (repeated here as ``tiled_rows`` does), ``first``: the first dropout's ``(top, low,
-    threshold, key)``; ``layers``: the int64 table (columns IN ... NARROW), ``weights`` and
-    ``biases``: flat float32 arrays it points into — a hidden Linear's ``Wᵀ [in, out]``, a narrow last
-    one's ``W [out, in]`` (computed as W @ hᵀ and transposed back), each bias repeated
-    (``tiled_bias``). Runs MKL on one thread on this thread, as it was set again after."""
+    ``prefix``: the cached prefix ``[B, width]`` (repeated here as ``tiled_rows`` does); ``first``:
+    the first dropout's ``(top, low, threshold, key)``; ``layers``: the int64 table (columns IN ...
+    FINISH); ``weights`` and ``biases``: flat float32 arrays it points into — a hidden Linear's
+    ``Wᵀ [in, out]``, a narrow last one's ``W [out, in]`` (computed as W @ hᵀ and transposed back),
+    each bias repeated (``tiled_bias``). Sets MKL to one thread on this thread for the call and puts
+    back what was set before."""
     total, n_out = out.shape
     rows, width = prefix.shape
     if rows * width < mc_kernels.RUN_UNITS:  # as mc_kernels.tiled_rows: whole copies, long flat runs
