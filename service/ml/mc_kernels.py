@@ -38,7 +38,8 @@ _MIX2 = np.uint64(0x94D049BB133111EB)
 _ONE = np.uint64(1)
 _BYTE = np.uint64(255)
 _LOW_BYTES = np.uint64(0x0101010101010101)
-_HIGH_BITS = np.uint64(0x8080808080808080)
+_LOW_SEVEN = np.uint64(0x7F7F7F7F7F7F7F7F)
+_HIGH_BIT = np.uint64(0x80)
 
 # Activations the kernel applies itself; others are applied by torch between two kernel calls.
 IDENTITY = 0
@@ -73,15 +74,18 @@ def _draw(words, first, units, key, key2, top, low):
     pattern = np.uint64(top) * _LOW_BYTES
     for i in range(count):
         word = words[i]
-        x = word ^ pattern
-        if ((x - _LOW_BYTES) & ~x & _HIGH_BITS) != np.uint64(0):  # some byte equals top
-            for b in range(8):
-                shift = np.uint64(8 * b)
-                if ((word >> shift) & _BYTE) == np.uint64(top):
-                    counter = (base + np.uint64(i)) * np.uint64(8) + np.uint64(b)
-                    kept = (_splitmix64(key2, counter) & _BYTE) >= np.uint64(low)
-                    value = _BYTE if kept else np.uint64(0)
-                    word = (word & ~(_BYTE << shift)) | (value << shift)
+        x = word ^ pattern  # a zero byte where the byte equals top
+        hits = ~(((x & _LOW_SEVEN) + _LOW_SEVEN) | x | _LOW_SEVEN)  # exactly those bytes' high bits
+        if hits != np.uint64(0):
+            while hits != np.uint64(0):
+                shift = np.uint64(0)
+                while ((hits >> shift) & _HIGH_BIT) == np.uint64(0):
+                    shift += np.uint64(8)
+                counter = (base + np.uint64(i)) * np.uint64(8) + (shift >> np.uint64(3))
+                kept = (_splitmix64(key2, counter) & _BYTE) >= np.uint64(low)
+                value = _BYTE if kept else np.uint64(0)
+                word = (word & ~(_BYTE << shift)) | (value << shift)
+                hits &= ~(_HIGH_BIT << shift)
             words[i] = word
     return offset
 

@@ -78,6 +78,31 @@ def test_kernel_masks_are_uncorrelated_across_units_rows_and_keys(rate):
     assert abs(correlation(kept, other_key)) <= SIGMAS / math.sqrt(kept.size)  # two layers' keys
 
 
+def reference_mask(rows: int, width: int, rate: float, row0: int, key=KEY, key2=KEY2) -> np.ndarray:
+    """The documented rule, unit by unit in numpy: byte ``u % 8`` of ``splitmix64(key, u // 8)``
+    against the threshold, the low byte from ``splitmix64(key2, u)`` where it equals ``top``."""
+
+    def splitmix64(k: np.uint64, counter: np.ndarray) -> np.ndarray:
+        with np.errstate(over="ignore"):
+            z = k + (counter + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
+            z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+            z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+    units = np.arange(row0 * width, (row0 + rows) * width, dtype=np.uint64)
+    byte = (splitmix64(key, units // np.uint64(8)) >> (np.uint64(8) * (units % np.uint64(8)))) & np.uint64(255)
+    low_byte = splitmix64(key2, units) & np.uint64(255)
+    top, low, threshold = mc_kernels.mask_parameters(keep_count(rate))
+    kept = np.where((byte == top) & (low > 0), low_byte >= low, byte >= threshold)
+    return kept.reshape(rows, width).astype(np.float32)
+
+
+@pytest.mark.parametrize("rate", [0.05, 0.3, 0.5, 0.99])
+def test_kernel_masks_follow_the_documented_rule_unit_by_unit(rate):
+    for rows, width, row0 in [(3000, 50, 0), (999, 13, 77), (64, 1, 5)]:
+        assert np.array_equal(kept_mask(rows, width, rate, row0=row0), reference_mask(rows, width, rate, row0))
+
+
 def test_a_mask_depends_on_the_row_number_not_on_the_block():
     whole = kept_mask(1000, 50, 0.05)
     parts = np.concatenate([kept_mask(n, 50, 0.05, row0=start) for start, n in [(0, 1), (1, 333), (334, 666)]])
