@@ -9,8 +9,8 @@ concurrent calls are safe and a seed reproduces the samples exactly. Each dropou
 rounded to a multiple of 2**-16 (as in :mod:`service.ml.sweep`) and each 1/keep scale is folded
 into the next Linear. On the CPU the masks are drawn and applied in cache-sized blocks of rows
 by the fused kernels of :mod:`service.ml.mc_kernels` — for ReLU nets the whole loop over blocks in
-one machine-code call (:mod:`service.ml.mc_whole`) that shares the blocks out over torch's
-threads; elsewhere by torch ops on tensors the engine creates. What a call needs of the net (the
+one machine-code call (:mod:`service.ml.mc_whole`, its matmuls the register-tiled kernels of
+:mod:`service.ml.mc_simd`) that shares the blocks out over torch's threads; elsewhere by torch ops on tensors the engine creates. What a call needs of the net (the
 plans, the scaled weights) is kept per net while its modules, parameters and rates stay the same.
 :func:`sample_outputs_loop` is the reference.
 """
@@ -289,7 +289,7 @@ class _WholePlan(NamedTuple):
     biases: np.ndarray  # float32, flat
 
 
-def _whole_plan(first: _FusedDropout, layers: list[_FusedLayer], last_weight: Tensor | None) -> _WholePlan | None:
+def _whole_plan(first: _FusedDropout, layers: list[_FusedLayer]) -> _WholePlan | None:
     """The fused plan as flat arrays for :mod:`service.ml.mc_whole`; None where a layer has an
     activation other than ReLU (applied by torch between the kernels)."""
     if any(layer.activation is not None for layer in layers):
@@ -299,13 +299,12 @@ def _whole_plan(first: _FusedDropout, layers: list[_FusedLayer], last_weight: Te
     table = np.zeros((len(layers), mc_whole.COLUMNS), dtype=np.int64)
     weights, biases, weight_at, bias_at = [], [], 0, 0
     for i, layer in enumerate(layers):
-        narrow = i == len(layers) - 1 and last_weight is not None
-        weight = (last_weight if narrow else layer.weight_t).numpy().reshape(-1)
+        weight, dots = mc_whole.layer_weights(layer.weight_t.numpy(), last=i == len(layers) - 1)
         d = layer.dropout
         table[i] = (layer.weight_t.shape[0], layer.weight_t.shape[1], weight_at, bias_at, layer.bias.size,
                     layer.relu, d is not None, d.top if d else 0, d.low if d else 0, d.threshold if d else 0,
-                    2 * d.index if d else 0, narrow, layer.relu or bool(layer.bias.any()))
-        weights.append(weight)
+                    2 * d.index if d else 0, dots, layer.relu or bool(layer.bias.any()))
+        weights.append(weight.reshape(-1))
         biases.append(layer.bias)
         weight_at += weight.size
         bias_at += layer.bias.size
@@ -390,7 +389,7 @@ def _fused_plan(suffix: list[nn.Module]) -> _FusedPlan | None:
     outputs = last.weight_t.shape[1]
     last_weight = last.weight_t.t().contiguous() if 1 < outputs < _NARROW_OUTPUTS else None
     return _FusedPlan(first, layers, widest, len(dropouts), finish_last, last_weight,
-                      _whole_plan(first, layers, last_weight))
+                      _whole_plan(first, layers))
 
 
 def _fused_keys(count: int, seed: int | None) -> np.ndarray:
@@ -407,12 +406,12 @@ def _run_fused(prefix: Tensor, plan: _FusedPlan, samples: int, keys: np.ndarray,
     ``[samples * rows, n_out]``. Row ``t * rows + b`` is sample ``t`` of input ``b``; its masks
     depend on the keys and its row number only, so the block size does not change them.
 
-    Where :mod:`service.ml.mc_whole` can (MKL found, ReLU or no activation) the whole loop runs
+    Where :mod:`service.ml.mc_whole` can (ReLU or no activation) the whole loop runs
     there, in machine code, its blocks split over ``torch.get_num_threads()`` threads; otherwise
     this Python loop calls ``torch.mm`` and the kernels block after block."""
     mc_kernels = _kernels()
     total = samples * prefix.shape[0]
-    whole = plan.whole if _WHOLE_CALL and plan.whole is not None and _whole().available() else None
+    whole = plan.whole if _WHOLE_CALL and plan.whole is not None else None
     block = _block_rows(total, plan.widest, max_elements, whole is not None)
     if whole is not None:
         output = np.empty((total, plan.layers[-1].weight_t.shape[1]), dtype=np.float32)

@@ -57,10 +57,11 @@ def _splitmix64(key, counter):
 
 
 @njit(inline="always")
-def _draw(words, first, units, key, key2, top, low):
+def draw(words, first, units, key, key2, top, low):
     """Fill ``words`` with the words of units ``first .. first + units`` (global unit indices, byte
     ``u % 8`` of word ``u // 8``); bytes equal to ``top`` are settled by their low byte against
-    ``low`` (set to 255 if kept, 0 if dropped). Returns the first unit's byte offset in ``words``."""
+    ``low`` (set to 255 if kept, 0 if dropped). Returns the first unit's byte offset in ``words``:
+    unit ``first + i`` is kept when byte ``offset + i`` is >= the threshold (``mask_parameters``)."""
     start = first // 8
     offset = first - 8 * start
     count = (offset + units + 7) // 8
@@ -99,7 +100,7 @@ def broadcast_dropout(prefix, out, words, row0, key, key2, top, low, threshold):
     layer (a row of 13 units alone is too short for the vector loop)."""
     rows, width = out.shape
     units = rows * width
-    offset = _draw(words, row0 * width, units, key, key2, top, low)
+    offset = draw(words, row0 * width, units, key, key2, top, low)
     bytes_ = words.view(np.uint8)[offset : offset + units]
     flat = out.reshape(-1)
     source = prefix.reshape(-1)
@@ -139,7 +140,7 @@ def bias_activation_dropout(h, bias, activation, words, row0, key, key2, top, lo
                 for i in range(n):
                     dst[i] = dst[i] + bias[i]
         return
-    offset = _draw(words, row0 * width, units, key, key2, top, low)
+    offset = draw(words, row0 * width, units, key, key2, top, low)
     bytes_ = words.view(np.uint8)[offset : offset + units]
     limit = np.int32(threshold)  # bytes compared as int32: the loops run ~1.6x faster than with uint8
     for k in range(0, units, period):
@@ -281,3 +282,4 @@ def warm_up() -> None:
     logits = np.zeros((2, 1, 3), dtype=np.float32)
     classification_summary(logits, np.empty((1, 3)), np.empty((1, 3)), np.empty(1), np.empty(1), np.empty(1),
                            np.empty(1, dtype=np.int64))
+
