@@ -32,6 +32,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from service.ml import mc_simd
+
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
@@ -73,21 +75,22 @@ def draw(words, first, units, key, key2, top, low):
     if low == 0:  # the threshold is a multiple of 256: the high byte decides alone
         return offset
     pattern = np.uint64(top) * _LOW_BYTES
-    for i in range(count):
+    found = np.empty(count + mc_simd.LANES, dtype=np.int64)
+    for t in range(mc_simd.words_with_byte(words, count, pattern, found)):  # ~1 word in 32
+        i = found[t]
         word = words[i]
         x = word ^ pattern  # a zero byte where the byte equals top
         hits = ~(((x & _LOW_SEVEN) + _LOW_SEVEN) | x | _LOW_SEVEN)  # exactly those bytes' high bits
-        if hits != np.uint64(0):
-            while hits != np.uint64(0):
-                shift = np.uint64(0)
-                while ((hits >> shift) & _HIGH_BIT) == np.uint64(0):
-                    shift += np.uint64(8)
-                counter = (base + np.uint64(i)) * np.uint64(8) + (shift >> np.uint64(3))
-                kept = (_splitmix64(key2, counter) & _BYTE) >= np.uint64(low)
-                value = _BYTE if kept else np.uint64(0)
-                word = (word & ~(_BYTE << shift)) | (value << shift)
-                hits &= ~(_HIGH_BIT << shift)
-            words[i] = word
+        while hits != np.uint64(0):
+            shift = np.uint64(0)
+            while ((hits >> shift) & _HIGH_BIT) == np.uint64(0):
+                shift += np.uint64(8)
+            counter = (base + np.uint64(i)) * np.uint64(8) + (shift >> np.uint64(3))
+            kept = (_splitmix64(key2, counter) & _BYTE) >= np.uint64(low)
+            value = _BYTE if kept else np.uint64(0)
+            word = (word & ~(_BYTE << shift)) | (value << shift)
+            hits &= ~(_HIGH_BIT << shift)
+        words[i] = word
     return offset
 
 

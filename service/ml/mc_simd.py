@@ -187,6 +187,63 @@ def _dots(rows: int):  # noqa: ANN202 (a numba intrinsic)
 _DOTS_4, _DOTS_1 = _dots(4), _dots(1)
 
 
+_WORDS = ir.VectorType(_I64, LANES)
+
+
+@intrinsic
+def _words_with_byte(typingctx, words, count, pattern, found):  # noqa: ANN001, ANN202, ARG001
+    """``n = words_with_byte(words, count, pattern, found)`` (addresses of uint64 and int64 arrays):
+    writes to ``found`` the indices ``i < count - count % LANES``, in order, of the words with a byte
+    equal to the byte repeated in ``pattern``, and returns how many. Eight words per step, tested at
+    once and their indices compressed into ``found`` (one instruction with AVX-512)."""
+    signature = types.intp(types.intp, types.intp, types.uint64, types.intp)
+
+    def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202, ARG001
+        words, count, pattern, found = args
+        words, found = (builder.inttoptr(p, _I64.as_pointer()) for p in (words, found))
+        compress = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_WORDS, [_WORDS, ir.VectorType(ir.IntType(1), LANES), _WORDS]),
+            f"llvm.experimental.vector.compress.v{LANES}i64")
+        population = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_I8, [_I8]), "llvm.ctpop.i8")
+        sevens = ir.Constant(_WORDS, [0x7F7F7F7F7F7F7F7F] * LANES)
+        first = builder.insert_element(ir.Constant(_WORDS, ir.Undefined), pattern, ir.Constant(_I32, 0))
+        repeated = builder.shuffle_vector(first, ir.Constant(_WORDS, ir.Undefined), ir.Constant(_INTS, [0] * LANES))
+        steps = ir.Constant(_WORDS, list(range(LANES)))
+        total = cgutils.alloca_once_value(builder, _index(0))
+        with cgutils.for_range(builder, builder.udiv(count, _index(LANES))) as loop:
+            at = builder.mul(loop.index, _index(LANES))
+            x = builder.xor(builder.load(builder.bitcast(builder.gep(words, [at]), _WORDS.as_pointer()), align=8), repeated)
+            # a byte's high bit set in `any` exactly where x has a zero byte
+            any_ = builder.or_(builder.or_(builder.add(builder.and_(x, sevens), sevens), x), sevens)
+            hit = builder.icmp_unsigned("!=", any_, ir.Constant(_WORDS, [0xFFFFFFFFFFFFFFFF] * LANES))
+            first_index = builder.insert_element(ir.Constant(_WORDS, ir.Undefined), at, ir.Constant(_I32, 0))
+            indices = builder.add(builder.shuffle_vector(first_index, ir.Constant(_WORDS, ir.Undefined),
+                                                         ir.Constant(_INTS, [0] * LANES)), steps)
+            n = builder.load(total)
+            packed = builder.call(compress, [indices, hit, ir.Constant(_WORDS, ir.Undefined)])
+            builder.store(packed, builder.bitcast(builder.gep(found, [n]), _WORDS.as_pointer()), align=8)
+            hits = builder.zext(builder.call(population, [builder.bitcast(hit, _I8)]), _I64)
+            builder.store(builder.add(n, hits), total)
+        return builder.load(total)
+
+    return signature, codegen
+
+
+@njit(inline="always")
+def words_with_byte(words, count, pattern, found):  # noqa: ANN001, ANN201 (numba)
+    """The indices ``i < count`` of the words of ``words`` (uint64) with a byte equal to the byte
+    repeated in ``pattern``, in order, into ``found`` (int64, at least ``count``); returns how many."""
+    whole = count - count % LANES
+    n = _words_with_byte(words.ctypes.data, whole, pattern, found.ctypes.data)
+    for i in range(whole, count):
+        x = words[i] ^ pattern
+        if (((x & np.uint64(0x7F7F7F7F7F7F7F7F)) + np.uint64(0x7F7F7F7F7F7F7F7F)) | x
+                | np.uint64(0x7F7F7F7F7F7F7F7F)) != np.uint64(0xFFFFFFFFFFFFFFFF):
+            found[n] = i
+            n += 1
+    return n
+
+
 @njit(inline="always")
 def padded(columns):  # noqa: ANN001, ANN201 (numba)
     """The columns a :func:`gemm` weight matrix ``B`` needs for ``columns`` outputs: a whole number
