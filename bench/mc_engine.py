@@ -6,20 +6,21 @@
 2. The engine's achieved GFLOP/s (Linear FLOPs counted analytically: 2·m·n·k per layer over the
    T passes, the cached prefix once) against ``torch.matmul`` of a comparable shape
    ``[T·B, width] @ [width, width]`` measured in the same run, float32, same threads; and the
-   ceiling of any engine making the same BLAS calls ("layers alone": the net's own Linear layers
-   as ``torch.mm`` with ``out=`` on the engine's blocks of rows, no masks, bias or activation).
+   ceiling of the engine's arithmetic ("layers alone": the net's own Linear layers on the
+   engine's blocks of rows by the engine's matmul kernels, no masks, bias or activation), next to
+   the same layers by ``torch.mm``.
 
 On the CPU every row measures the fused path (float32 nets shaped ``Dropout (Linear [act]
 [Dropout])*`` after the cached prefix, i.e. every built-in net): blocks of rows that stay in
-cache, MKL's sgemm for the Linear layers and the numba kernels of ``service.ml.mc_kernels``
-drawing and applying masks, bias and ReLU in one pass — for ReLU nets the whole call in one numba
-function (``service.ml.mc_whole``), its blocks shared out over the threads. CPU-only sections
-explain the numbers:
+cache; for ReLU nets the whole call in one numba function (``service.ml.mc_whole``), its
+matmuls the register-tiled kernels of ``service.ml.mc_simd`` with the bias, ReLU and next mask
+applied as each tile is stored, the masks drawn by the kernels of ``service.ml.mc_kernels``, its
+blocks shared out over the threads. CPU-only sections explain the numbers:
 
 * 2b. the fused path against its Python loop over blocks and the general torch path
   (``sample_outputs(..., fused=False)``), batch 1, 16 and 64, both thread settings;
-* 2c. where the time of a batch-64 call goes at 1 thread: BLAS (the layers alone), the mask
-  kernels (alone, on the engine's blocks) and the rest;
+* 2c. where the time of a batch-64 call goes at 1 thread: the matmuls (the layers alone), the
+  mask kernels (alone, on the engine's blocks) and the rest;
 * 2d. the effect of the glibc malloc tuning on page faults.
 
 Both networks: the README's textbook classifier (64 → 64 ReLU → dropout 0.5 → 64 ReLU →
@@ -177,16 +178,16 @@ def engine_block_rows(net: nn.Sequential, batch: int, samples: int, device: torc
 def uses_whole_call(net: nn.Sequential) -> bool:
     """Whether the engine runs this net's fused CPU path as one machine-code call (service.ml.mc_whole)."""
     fused = mc._compiled(net).fused
-    return fused is not None and fused.whole is not None and mc._WHOLE_CALL and mc._whole().available()
+    return fused is not None and fused.whole is not None and mc._WHOLE_CALL
 
 
 class LayersAlone:
-    """The net's own Linear layers computed the way the engine's fused path computes them, with
-    no masks, bias or activation: the prefix Linear layers once over B rows, then each Linear after
-    the prefix as ``torch.mm(h, Wᵀ, out=...)`` on blocks of :func:`engine_block_rows` rows over the
-    T·B rows (the last layer into a ``[T·B, n_out]`` output, or on the CPU a narrow one as
-    ``W @ hᵀ`` into an ``[n_out, T·B]`` one, hidden ones into per-block buffers). Same FLOPs as
-    :func:`linear_flops`."""
+    """The net's own Linear layers by torch (the BLAS: MKL on the CPU), with no masks, bias or
+    activation: the prefix Linear layers once over B rows, then each Linear after the prefix as
+    ``torch.mm(h, Wᵀ, out=...)`` on blocks of :func:`engine_block_rows` rows over the T·B rows (the
+    last layer into a ``[T·B, n_out]`` output, or on the CPU a narrow one as ``W @ hᵀ`` into an
+    ``[n_out, T·B]`` one, hidden ones into per-block buffers), as the fused path's Python loop and
+    the general path make them. Same FLOPs as :func:`linear_flops`."""
 
     def __init__(self, net: nn.Sequential, batch: int, samples: int, device: torch.device) -> None:
         prefix, suffix = split_linears(net)
@@ -223,6 +224,51 @@ class LayersAlone:
                 torch.mm(self.narrow, h.t(), out=self.output[:, start : start + n])
 
 
+class EngineLayersAlone:
+    """The net's own Linear layers by the whole call's matmul kernels (service.ml.mc_simd), with no
+    masks, bias or activation: the prefix Linear layers once over B rows (torch, as the engine
+    computes them), then per block of :func:`engine_block_rows` rows each Linear as the whole call
+    runs it — ``mc_simd.gemm`` on its padded weights, or ``mc_simd.dot_rows`` for a last layer of
+    at most ``mc_simd.DOT_OUTPUTS`` outputs — into per-block buffers. Same FLOPs as
+    :func:`linear_flops`."""
+
+    def __init__(self, net: nn.Sequential, batch: int, samples: int) -> None:
+        from service.ml import mc_simd, mc_whole
+
+        prefix, _ = split_linears(net)
+        plan = mc._compiled(net).fused.whole
+        generator = torch.Generator().manual_seed(5)
+        self.simd, self.total = mc_simd, samples * batch
+        self.block = engine_block_rows(net, batch, samples, torch.device("cpu"))
+        with torch.no_grad():
+            self.prefix = [(torch.randn(batch, m.in_features, generator=generator), m.weight.detach().t().contiguous(),
+                            torch.empty(batch, m.out_features)) for m in prefix]
+        self.layers = []
+        k = int(plan.layers[0, mc_whole.IN])
+        h = torch.randn(self.block, k, generator=generator).numpy()
+        self.input = h
+        for row in plan.layers:
+            m, at, dots = int(row[mc_whole.OUT]), int(row[mc_whole.WEIGHT]), bool(row[mc_whole.DOTS])
+            shape = (m, k) if dots else (k, mc_simd.padded(m))
+            weights = plan.weights[at : at + shape[0] * shape[1]].reshape(shape)
+            self.layers.append((dots, weights, np.empty((self.block, m), dtype=np.float32)))
+            k = m
+
+    def __call__(self) -> None:
+        for x, weight_t, out in self.prefix:
+            torch.mm(x, weight_t, out=out)
+        simd = self.simd
+        for start in range(0, self.total, self.block):
+            n = min(self.block, self.total - start)
+            h = self.input[:n]
+            for dots, weights, out in self.layers:
+                if dots:
+                    simd.dot_rows(h, weights, out[:n])
+                else:
+                    simd.gemm(h, weights, out[:n])
+                h = out[:n]
+
+
 def load_average() -> str:
     try:
         return "/".join(f"{value:.2f}" for value in os.getloadavg())
@@ -238,7 +284,8 @@ class Measurement:
     batch: int
     engine_s: float
     loop_s: float
-    layers_s: float  # LayersAlone: the BLAS calls of the engine, nothing else
+    layers_s: float  # the engine's matmuls alone (EngineLayersAlone on the CPU, LayersAlone elsewhere)
+    blas_s: float  # the same Linear layers by torch (LayersAlone)
     flops: int
     matmul_gflops: float
 
@@ -265,12 +312,14 @@ def measure(quick: bool = False, device: str | torch.device = "cpu",
                     before = matmul_gflops(SAMPLES * batch, network.width, device, quick=quick)
                     engine = seconds_per_call(lambda: sample_outputs(net, x, SAMPLES, SEED), quick=quick, sync=sync)
                     loop = seconds_per_call(lambda: sample_outputs_loop(net, x, SAMPLES, SEED), quick=quick, sync=sync)
-                    layers = seconds_per_call(LayersAlone(net, batch, SAMPLES, device), quick=quick, sync=sync)
+                    blas = seconds_per_call(LayersAlone(net, batch, SAMPLES, device), quick=quick, sync=sync)
+                    layers = (seconds_per_call(EngineLayersAlone(net, batch, SAMPLES), quick=quick)
+                              if device.type == "cpu" and uses_whole_call(net) else blas)
                     # The better of two baseline runs, one before and one after: a neighbour on a core
                     # during one of them would otherwise flatter the engine's share.
                     after = matmul_gflops(SAMPLES * batch, network.width, device, quick=quick)
                     results.append(Measurement(
-                        network, label, batch, engine, loop, layers, linear_flops(net, batch, SAMPLES),
+                        network, label, batch, engine, loop, layers, blas, linear_flops(net, batch, SAMPLES),
                         max(before, after),
                     ))
     return results
@@ -310,56 +359,53 @@ def path_comparison(quick: bool, threads: list[tuple[str, int]] | None = None) -
 
 
 class KernelsAlone:
-    """The fused path's element-wise kernels on the engine's blocks of the T·B rows, with no
-    matmuls: per block the first dropout (the prefix broadcast and masked) and each hidden Linear's
-    bias, ReLU and dropout, then the last layer's bias (and, for a narrow one, the transposition
-    back to row order) — service.ml.mc_kernels' functions, called from Python on buffers of the
-    blocks' shapes. The whole call (service.ml.mc_whole) runs the same functions from machine code,
-    without the dispatch of a Python call (~1 µs each)."""
+    """The whole call's mask work on the engine's blocks of the T·B rows, with no matmuls: per
+    block the first dropout (the prefix broadcast and masked: ``mc_kernels.broadcast_dropout``),
+    each hidden dropout's mask bytes drawn (``mc_kernels.draw``; the whole call applies them with
+    the bias and ReLU as it stores the matmul's tile), and a dot-product last layer's bias —
+    service.ml.mc_kernels' functions, called from Python on buffers of the blocks' shapes (the whole
+    call runs them from machine code, without the ~1 µs dispatch of a Python call)."""
 
     def __init__(self, net: nn.Sequential, batch: int, samples: int) -> None:
-        kernels, plan = mc._kernels(), mc._compiled(net).fused
-        self.kernels, self.plan = kernels, plan
+        from service.ml import mc_whole
+
+        kernels, fused = mc._kernels(), mc._compiled(net).fused
+        self.kernels, self.plan, self.whole = kernels, fused, fused.whole
         generator = torch.Generator().manual_seed(6)
-        width = plan.layers[0].weight_t.shape[0]
+        width = fused.layers[0].weight_t.shape[0]
         self.prefix = kernels.tiled_rows(torch.randn(batch, width, generator=generator).numpy())
         self.total = samples * batch
         self.block = engine_block_rows(net, batch, samples, torch.device("cpu"))
-        self.keys = mc._fused_keys(2 * plan.dropouts, 1)
-        self.words = np.empty(kernels.words_for(self.block, plan.widest), dtype=np.uint64)
+        self.keys = mc._fused_keys(2 * fused.dropouts, 1)
+        self.words = np.empty(kernels.words_for(self.block, fused.widest) + 1, dtype=np.uint64)
         self.masked = torch.randn(self.block, width, generator=generator).numpy()
-        self.hidden = [torch.randn(self.block, layer.weight_t.shape[1], generator=generator).numpy()
-                       for layer in plan.layers[:-1]]
-        outputs = plan.layers[-1].weight_t.shape[1]
-        self.output = torch.randn(self.total, outputs, generator=generator).numpy()
-        self.transposed = (torch.randn(outputs, self.total, generator=generator).numpy()
-                           if plan.last_weight is not None else None)
+        table = self.whole.layers
+        self.draws = [(int(row[mc_whole.OUT]), int(row[mc_whole.KEY]), int(row[mc_whole.TOP]), int(row[mc_whole.LOW]))
+                      for row in table[:-1] if row[mc_whole.DROPOUT]]
+        last = table[-1]
+        outputs = int(last[mc_whole.OUT])
+        self.finish = bool(last[mc_whole.DOTS] and last[mc_whole.FINISH])
+        self.relu = kernels.RELU if last[mc_whole.RELU] else kernels.IDENTITY
+        self.bias = fused.layers[-1].bias
+        self.output = torch.randn(self.block, outputs, generator=generator).numpy()
 
     def __call__(self) -> None:
-        kernels, plan, keys, words = self.kernels, self.plan, self.keys, self.words
-        first = plan.first
+        kernels, keys, words = self.kernels, self.keys, self.words
+        first = self.plan.first
         for start in range(0, self.total, self.block):
             n = min(self.block, self.total - start)
             kernels.broadcast_dropout(self.prefix, self.masked[:n], words, start, keys[2 * first.index],
                                       keys[2 * first.index + 1], first.top, first.low, first.threshold)
-            for layer, h in zip(plan.layers[:-1], self.hidden):
-                d, kind = layer.dropout, kernels.RELU if layer.relu else kernels.IDENTITY
-                if d is None:
-                    kernels.bias_activation_dropout(h[:n], layer.bias, kind, words[:0], 0, keys[0], keys[0], 0, 0, 0)
-                else:
-                    kernels.bias_activation_dropout(h[:n], layer.bias, kind, words, start, keys[2 * d.index],
-                                                    keys[2 * d.index + 1], d.top, d.low, d.threshold)
-        last = plan.layers[-1]
-        kind = kernels.RELU if last.relu else kernels.IDENTITY
-        if self.transposed is not None:
-            kernels.transpose_bias_activation(self.transposed, last.bias, kind, self.output)
-        elif plan.finish_last:
-            kernels.bias_activation_dropout(self.output, last.bias, kind, words[:0], 0, keys[0], keys[0], 0, 0, 0)
+            for width, key, top, low in self.draws:
+                kernels.draw(words, start * width, n * width, keys[key], keys[key + 1], top, low)
+            if self.finish:
+                kernels.bias_activation_dropout(self.output[:n], self.bias, self.relu, words[:0], 0, keys[0], keys[0],
+                                                0, 0, 0)
 
 
 def time_split(quick: bool, batch: int = 64) -> list[dict[str, float]]:
-    """2c: per network, at 1 thread, seconds per call of the engine, of its BLAS calls alone
-    (LayersAlone) and of its element-wise kernels alone (KernelsAlone); each the median of a few
+    """2c: per network, at 1 thread, seconds per call of the engine, of its matmuls alone
+    (EngineLayersAlone) and of its mask kernels alone (KernelsAlone); each the median of a few
     rounds measured back to back, so that the machine's load changes little between the three."""
     rounds = 1 if quick else 3
     results: list[dict[str, float]] = []
@@ -367,7 +413,7 @@ def time_split(quick: bool, batch: int = 64) -> list[dict[str, float]]:
         for network in NETWORKS:
             net = build_network(network.spec, seed=0)
             x = torch.randn(batch, network.spec.n_inputs, generator=torch.Generator().manual_seed(3))
-            layers = LayersAlone(net, batch, SAMPLES, torch.device("cpu"))
+            layers = EngineLayersAlone(net, batch, SAMPLES)
             kernels = KernelsAlone(net, batch, SAMPLES)
             engine_s: list[float] = []
             kernels_s: list[float] = []
@@ -377,10 +423,10 @@ def time_split(quick: bool, batch: int = 64) -> list[dict[str, float]]:
                 kernels_s.append(seconds_per_call(kernels, quick=quick))
                 layers_s.append(seconds_per_call(layers, quick=quick))
             total = statistics.median(engine_s)
-            blas = statistics.median(layers_s)
+            matmuls = statistics.median(layers_s)
             kernels_time = statistics.median(kernels_s)
-            results.append({"total": total, "blas": blas, "kernels": kernels_time,
-                            "rest": total - blas - kernels_time})
+            results.append({"total": total, "matmuls": matmuls, "kernels": kernels_time,
+                            "rest": total - matmuls - kernels_time})
     return results
 
 
@@ -394,7 +440,7 @@ def mask_units(net: nn.Sequential, batch: int, samples: int) -> int:
 
 def budget_notes(results: list[Measurement], split: list[dict[str, float]], batch: int = 64) -> list[str]:
     """Per network, what the 50 % target of item 2 leaves for the masks at 1 thread, from 2c's times:
-    the call may take 2 × FLOPs / matmul GFLOP/s; the BLAS calls alone take what 2c measured."""
+    the call may take 2 × FLOPs / matmul GFLOP/s; its matmuls alone take what 2c measured."""
     notes = []
     for network, part in zip(NETWORKS, split):
         m = next((m for m in results if m.network is network and m.threads == "1" and m.batch == batch), None)
@@ -402,14 +448,14 @@ def budget_notes(results: list[Measurement], split: list[dict[str, float]], batc
             continue
         budget = m.flops / (PEAK_FRACTION_TARGET * m.matmul_gflops * 1e9)
         units = mask_units(build_network(network.spec, seed=0), batch, SAMPLES)
-        left = budget - part["blas"]
+        left = budget - part["matmuls"]
         rest = (f"which leaves {left * 1e6:,.0f} µs for the {units:,} mask elements (and the bias and ReLU): "
-                f"{left / units * 1e9:.2f} ns each, where the kernels alone take {part['kernels'] / units * 1e9:.2f} "
-                "ns each" if left > 0 else
+                f"{left / units * 1e9:.2f} ns each, where the mask kernels alone take "
+                f"{part['kernels'] / units * 1e9:.2f} ns each" if left > 0 else
                 f"{-left * 1e6:,.0f} µs over it before a single one of the {units:,} mask elements is drawn")
         notes.append(f"Budget, {network.name}: 50 % of the matmul's {m.matmul_gflops:.1f} GFLOP/s allows "
-                     f"{budget * 1e6:,.0f} µs a call for its {m.flops / 1e6:.2f} MFLOP. Its BLAS calls alone take "
-                     f"{part['blas'] * 1e6:,.0f} µs, {rest}.")
+                     f"{budget * 1e6:,.0f} µs a call for its {m.flops / 1e6:.2f} MFLOP. Its matmuls alone take "
+                     f"{part['matmuls'] * 1e6:,.0f} µs, {rest}.")
     return notes
 
 
@@ -529,37 +575,40 @@ def run(quick: bool = False, device: str | torch.device = "cpu",
         flop_rows.append([m.network.name, m.threads, m.batch, m.flops / 1e6, m.engine_s * 1e3, m.gflops(m.engine_s),
                           f"[{SAMPLES * m.batch}, {m.network.width}] @ [{m.network.width}, {m.network.width}]",
                           m.matmul_gflops, f"{100 * fraction:.0f}%", ("yes" if ok else "no") if m.batch == 64 else "—",
-                          m.gflops(m.layers_s), f"{100 * m.gflops(m.layers_s) / m.matmul_gflops:.0f}%"])
+                          m.gflops(m.layers_s), f"{100 * m.gflops(m.layers_s) / m.matmul_gflops:.0f}%"]
+                         + ([m.gflops(m.blas_s)] if device.type == "cpu" else []))
     of_ceiling = "; ".join(f"{m.network.name}, {m.threads} thread{'' if m.threads == '1' else 's'}: "
                            f"{100 * m.layers_s / m.engine_s:.0f}%" for m in results if m.batch == 64)
     if device.type == "cpu":
         blocks = ", ".join(f"{engine_block_rows(build_network(n.spec), 64, SAMPLES, device):,} for the "
                            f"{n.name.split(',')[0]} net" for n in NETWORKS)
         whole = all(uses_whole_call(build_network(n.spec)) for n in NETWORKS)
-        how = ("the whole call is one numba function (service.ml.mc_whole) that, per block, calls MKL's sgemm "
-               "(torch's own, on one thread) for each Linear and the kernels of service.ml.mc_kernels, which add "
-               "the bias, apply the ReLU and draw and apply the next dropout's mask in one pass (the first "
-               "dropout: one kernel broadcasts the cached prefix over the samples and masks it). With more than "
-               "one thread the blocks are shared out over the threads (the calling one and a pool), each running "
-               "its own blocks from end to end, so masks and matmuls scale together and a seed gives the same "
-               "samples whatever the threads" if whole else
+        how = ("the whole call is one numba function (service.ml.mc_whole) that, per block, broadcasts the cached "
+               "prefix over the samples and masks it (a kernel of service.ml.mc_kernels), then per Linear draws the "
+               "next dropout's mask bytes and runs the register-tiled matmul of service.ml.mc_simd, which adds the "
+               "bias, applies the ReLU and the mask as it stores each tile (a last layer of at most 4 outputs: dot "
+               "products along the rows, then its bias). With more than one thread the blocks are shared out over "
+               "the threads (the calling one and a pool), each running its own blocks from end to end, so masks and "
+               "matmuls scale together and a seed gives the same samples whatever the threads" if whole else
                "per block, torch.mm (MKL) computes each Linear into a buffer of the block and one numba kernel of "
                "service.ml.mc_kernels adds the bias, applies the ReLU and draws and applies the next dropout's mask "
-               "in one pass (MKL's sgemm was not found in torch here, so the Python loop over blocks ran)")
+               "in one pass (the Python loop over blocks)")
         engine_notes = [
             "The engine here is sample_outputs' fused CPU path: the T·B rows go in blocks of at most 65536 / "
             f"widest activation rows, their number a multiple of 4 (at batch 64: {blocks}) that stay in the "
             f"core's cache; {how}.",
-            "Layers alone: the net's own Linear layers computed on the engine's blocks — torch.mm with out= on "
-            "blocks of the same rows over the T·B rows, the prefix Linear once over B rows — with no masks, bias "
-            "or activation: at 1 thread the ceiling of any engine that makes the same BLAS calls. At more threads "
-            "MKL parallelises each of these matmuls, while the engine runs whole blocks on each thread, so it "
-            "can beat them. The UCI net's "
-            "[·, 13] @ [13, 50] and [·, 50] @ [50, 1] are shapes the BLAS runs below the square matmul of the "
-            "baseline, so its layers alone reach a smaller share of the matmul than the textbook net's, and with "
-            "22 Linear FLOPs per mask element (textbook: 75) its masks weigh 3.4x as much per FLOP (2c).",
+            "Layers alone: the net's own Linear layers computed on the engine's blocks with no masks, bias or "
+            "activation, by the engine's own kernels (service.ml.mc_simd: gemm on the padded weights, dot_rows "
+            "for a last layer of at most 4 outputs; the prefix Linear once over B rows by torch): at 1 thread the "
+            "ceiling of the engine's arithmetic. torch layers alone: the same Linear layers as torch.mm with out= "
+            "on the same blocks (MKL, a narrow last layer as W @ hᵀ), as the Python loop over blocks runs them. "
+            "The engine left MKL for its own kernels because MKL runs these small shapes far below its square "
+            "matmul (packing and dispatch on every call), most of all the UCI net's [·, 13] @ [13, 50] and "
+            "[·, 50] @ [50, 1]; at more threads MKL parallelises each matmul, while the engine runs whole blocks "
+            "on each thread.",
             "Engine GFLOP/s as a share of layers-alone GFLOP/s (at 1 thread how close the engine comes to that "
-            f"ceiling), batch 64: {of_ceiling}.",
+            f"ceiling), batch 64: {of_ceiling}. The UCI net does 22 Linear FLOPs per mask element (textbook: 75), "
+            "so its masks weigh 3.4x as much per FLOP (2c).",
         ]
     else:
         engine_notes = [
@@ -576,7 +625,7 @@ def run(quick: bool = False, device: str | torch.device = "cpu",
                  "of the two)",
         columns=["network", "threads", "batch", "engine MFLOP/call", "engine ms/call", "engine GFLOP/s",
                  "matmul shape", "matmul GFLOP/s", "engine / matmul", ">= 50%", "layers alone GFLOP/s",
-                 "layers alone / matmul"],
+                 "layers alone / matmul"] + (["torch layers alone GFLOP/s"] if device.type == "cpu" else []),
         rows=flop_rows,
         target=f">= {100 * PEAK_FRACTION_TARGET:.0f}% of matmul GFLOP/s at batch 64 (every thread setting)",
         met=all(flop_ok),
@@ -594,13 +643,14 @@ def run(quick: bool = False, device: str | torch.device = "cpu",
             key="mc-engine-paths",
             title=f"2b. Fused CPU path (whole call) vs its Python loop and the general torch path (T = {SAMPLES})",
             baseline="the same fused path as a Python loop over blocks (torch.mm and the kernels called block after "
-                     "block, the engine's fallback where MKL's sgemm is not found), and sample_outputs(..., "
+                     "block, the engine's path for nets with tanh or GELU), and sample_outputs(..., "
                      "fused=False): the general path (torch ops over chunks of T samples, masks from 16-bit lanes of "
                      "a torch.Generator); same net, inputs, seed and threads",
             columns=["network", "threads", "batch", "fused ms/call", "Python loop ms/call", "speed-up vs loop",
                      "general ms/call", "speed-up vs general"],
             rows=path_rows,
-            notes=["The fused path and its Python loop draw the same masks (the same samples up to MKL's rounding); "
+            notes=["The fused path and its Python loop draw the same masks (the same samples up to float32 rounding: "
+                   "the whole call's matmuls are service.ml.mc_simd's, the loop's torch.mm); "
                    "the general path draws masks with the same distribution (different masks for the same seed). "
                    "The three calls of a row are measured back to back. At torch's default threads the Python "
                    "loop's and the general path's matmuls are OpenMP parallel regions, so another process on the "
@@ -613,21 +663,22 @@ def run(quick: bool = False, device: str | torch.device = "cpu",
         for network, part in zip(NETWORKS, split):
             total = part["total"]
             split_rows.append([network.name, total * 1e6]
-                              + [value for key in ("blas", "kernels", "rest")
+                              + [value for key in ("matmuls", "kernels", "rest")
                                  for value in (part[key] * 1e6, f"{100 * part[key] / total:.0f}%")])
         sections.append(Section(
             key="mc-engine-profile",
             title=f"2c. Where the time goes: batch 64, T = {SAMPLES}, 1 thread",
             baseline="the engine's time per call (sample_outputs, fused path); the three shares add up to 100%",
-            columns=["network", "engine µs/call", "BLAS µs/call", "BLAS share", "mask kernels µs/call",
+            columns=["network", "engine µs/call", "matmuls µs/call", "matmuls share", "mask kernels µs/call",
                      "mask kernels share", "rest µs/call", "rest share"],
             rows=split_rows,
-            notes=["BLAS: the layers-alone time of section 2 (torch.mm with out= on the engine's blocks, no masks, "
-                   "bias or activation), measured here. Mask kernels: the kernels of service.ml.mc_kernels alone on "
-                   "buffers of the engine's blocks (the first dropout, each hidden layer's bias, ReLU and dropout, "
-                   "the last layer's bias), called from Python (bench.mc_engine.KernelsAlone). Rest: engine − BLAS − "
-                   "kernels — Python, allocations, the key draw, the cached prefix, and what the kernels and the "
-                   "matmuls cost each other in cache when interleaved. Each is the median of "
+            notes=["Matmuls: the layers-alone time of section 2 (service.ml.mc_simd's kernels on the engine's "
+                   "blocks, no masks, bias or activation), measured here. Mask kernels: the mask work of the whole "
+                   "call alone on buffers of the engine's blocks (the first dropout broadcast and masked, each hidden "
+                   "dropout's mask bytes drawn, a dot-product last layer's bias), called from Python "
+                   "(bench.mc_engine.KernelsAlone). Rest: engine − matmuls − kernels — the bias, ReLU and masks "
+                   "applied as the matmul stores its tiles, Python, allocations, the key draw, the cached prefix, and "
+                   "what the kernels and the matmuls cost each other in cache when interleaved. Each is the median of "
                    f"{1 if quick else 3} round(s) of the three measured back to back; noise can make a small share "
                    "negative."] + budget_notes(results, split),
         ))

@@ -78,7 +78,8 @@ def test_the_whole_call_gives_the_python_loops_samples(name, batch, threads, pyt
 
 
 @pytest.mark.parametrize("name", ["textbook", "three hidden, refined lanes"])
-def test_a_seed_gives_the_same_samples_whatever_the_threads(name, threads):
+def test_a_seed_gives_the_same_samples_whatever_the_threads(name, threads, monkeypatch):
+    monkeypatch.setattr(mc_whole, "SPLIT_MULTIPLY_ADDS", 1)  # split however small the call
     net = NETS[name]()
     x = torch.randn(64, _n_inputs(net), generator=torch.Generator().manual_seed(0))
     results = []
@@ -105,6 +106,17 @@ def test_whole_call_blocks_are_equal_but_for_the_last(total, widest):
 def test_a_calls_blocks_share_out_evenly_over_one_two_or_four_threads(total, widest, expected):
     block = mc._block_rows(total, widest, 2**24, whole=True)
     assert (-(-total // block), block) == expected
+
+
+def test_only_calls_with_enough_work_are_split():
+    textbook = mc._compiled(NETS["textbook"]()).fused.whole.layers  # 4,736 multiply-adds a row after the prefix
+    uci = mc._compiled(NETS["uci, one output"]()).fused.whole.layers  # 700 a row
+    assert mc_whole.parts(6400, textbook, 8, 2) == 2 and mc_whole.parts(6400, textbook, 8, 4) == 3  # 30 M
+    assert mc_whole.parts(6400, textbook, 8, 1) == 1
+    assert mc_whole.parts(1600, textbook, 4, 2) == 1  # 7.6 M multiply-adds: not worth a second thread
+    assert mc_whole.parts(6400, uci, 8, 2) == 1
+    assert mc_whole.parts(640_000, uci, 800, 2) == 2
+    assert mc_whole.parts(6400, textbook, 1, 2) == 1  # one block
 
 
 def test_concurrent_callers_get_their_own_samples(threads):
