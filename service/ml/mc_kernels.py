@@ -32,7 +32,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from service.ml import mc_simd
+from service.ml import mc_simd, numba_cache
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -286,3 +286,8 @@ def warm_up() -> None:
     classification_summary(logits, np.empty((1, 3)), np.empty((1, 3)), np.empty(1), np.empty(1), np.empty(1),
                            np.empty(1, dtype=np.int64))
 
+
+
+# Their machine code holds mc_simd's (draw): flushed from numba's cache when either file changes.
+numba_cache.refresh("mc_kernels", [broadcast_dropout, bias_activation_dropout, transpose_bias_activation,
+                                   classification_summary], [__file__, mc_simd.__file__])

@@ -338,12 +338,3 @@ def padded_weights(weight_t: np.ndarray) -> np.ndarray:
     out[:, :m] = weight_t
     return out
 
-
-def warm_up() -> None:
-    """Compile (or load from numba's cache) both kernels' signatures."""
-    a = np.ones((5, 3), dtype=np.float32)
-    c = np.empty((5, 2), dtype=np.float32)
-    gemm(a, padded_weights(np.ones((3, 2), dtype=np.float32)), c)
-    layer(a, padded_weights(np.ones((3, 2), dtype=np.float32)), np.zeros(2, dtype=np.float32), 1,
-          np.zeros(5 * 2 + LANES, dtype=np.uint8), 128, c)
-    dot_rows(a, np.ones((1, 3), dtype=np.float32), np.empty((5, 1), dtype=np.float32))

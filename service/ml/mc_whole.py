@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from numba import njit
 
-from service.ml import mc_kernels, mc_simd
+from service.ml import mc_kernels, mc_simd, numba_cache
 from service.ml.mc_kernels import bias_activation_dropout, broadcast_dropout
 
 _FLAGS = dict(nogil=True, fastmath=True, error_model="numpy", cache=True, boundscheck=False)
@@ -229,3 +229,6 @@ def warm_up() -> None:
         run_blocks(prefix, first, layers, np.zeros(3 * mc_simd.padded(2), dtype=np.float32), np.zeros(2, dtype=np.float32), each,
                    np.empty((2, 2), dtype=np.float32), 2, 0, 1)
 
+
+# run_blocks' machine code holds the kernels it calls: flushed from numba's cache when they change.
+numba_cache.refresh("mc_whole", [run_blocks], [__file__, mc_kernels.__file__, mc_simd.__file__])
