@@ -77,7 +77,7 @@ def _tile(rows: int, vectors: int):  # noqa: ANN202 (a numba intrinsic)
     """The intrinsic ``tile(a, lda, b, ldb, c, ldc, depth, last, bias, relu, mask, ldm, threshold)``
     (addresses; strides in elements): for ``rows`` rows and ``vectors`` vectors of columns,
 
-        ``C[r, j] = act(Σ_q A[r, q] · B[q, j] + bias[j]) · (mask[r · ldm + j] >= threshold)``,
+        ``C[r, j] = act(bias[j] + Σ_q A[r, q] · B[q, j]) · (mask[r · ldm + j] >= threshold)``,
 
     ``act`` the ReLU where ``relu`` is nonzero, else the identity; ``mask`` bytes (0/1 as the
     kernels of :mod:`service.ml.mc_kernels` compare them). The last vector stores only its first
@@ -94,7 +94,9 @@ def _tile(rows: int, vectors: int):  # noqa: ANN202 (a numba intrinsic)
             fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VECTOR, [_VECTOR] * 3),
                                                  f"llvm.fma.v{LANES}f32")
             zero = ir.Constant(_VECTOR, [0.0] * LANES)
-            sums = [[cgutils.alloca_once_value(builder, zero) for _ in range(vectors)] for _ in range(rows)]
+            biases = [builder.load(_vector_at(builder, bias, _index(v * LANES)), align=4) for v in range(vectors)]
+            # the sums start at the bias: bias + Σ_q, one rounding fewer than adding it after
+            sums = [[cgutils.alloca_once_value(builder, biases[v]) for v in range(vectors)] for _ in range(rows)]
             with cgutils.for_range(builder, depth) as loop:
                 q = loop.index
                 b_row = builder.gep(b, [builder.mul(q, ldb)])
@@ -103,11 +105,12 @@ def _tile(rows: int, vectors: int):  # noqa: ANN202 (a numba intrinsic)
                     x = _splat(builder, builder.load(builder.gep(a, [builder.add(builder.mul(_index(r), lda), q)])))
                     for v in range(vectors):
                         builder.store(builder.call(fma, [x, columns[v], builder.load(sums[r][v])]), sums[r][v])
-            biases = [builder.load(_vector_at(builder, bias, _index(v * LANES)), align=4) for v in range(vectors)]
             # ReLU as max(x, floor): floor 0, or -inf (the identity) where relu is 0
             floor = _splat_float(builder, builder.select(builder.icmp_signed("!=", relu, _index(0)),
                                                          ir.Constant(_F32, 0.0), ir.Constant(_F32, float("-inf"))))
-            limit = _splat_int(builder, builder.trunc(threshold, _I32))
+            limit = builder.shuffle_vector(
+                builder.insert_element(ir.Constant(_BYTES, ir.Undefined), builder.trunc(threshold, _I8), ir.Constant(_I32, 0)),
+                ir.Constant(_BYTES, ir.Undefined), ir.Constant(_INTS, [0] * LANES))  # threshold <= 255
             lanes = builder.icmp_unsigned("<", ir.Constant(_INTS, list(range(LANES))),
                                           _splat_int(builder, builder.trunc(last, _I32)))
             store_some = cgutils.get_or_insert_function(
@@ -119,9 +122,9 @@ def _tile(rows: int, vectors: int):  # noqa: ANN202 (a numba intrinsic)
                 c_row = builder.gep(c, [builder.mul(_index(r), ldc)])
                 mask_row = builder.gep(mask, [builder.mul(_index(r), ldm)])
                 for v in range(vectors):
-                    x = builder.call(maximum, [builder.fadd(builder.load(sums[r][v]), biases[v]), floor])
+                    x = builder.call(maximum, [builder.load(sums[r][v]), floor])
                     keep = builder.bitcast(builder.gep(mask_row, [_index(v * LANES)]), _BYTES.as_pointer())
-                    kept = builder.icmp_unsigned(">=", builder.zext(builder.load(keep, align=1), _INTS), limit)
+                    kept = builder.icmp_unsigned(">=", builder.load(keep, align=1), limit)
                     x = builder.select(kept, x, zero)
                     at = builder.gep(c_row, [_index(v * LANES)])
                     if v < vectors - 1:

@@ -190,6 +190,8 @@ SPLIT_MULTIPLY_ADDS = 8_000_000
 
 def parts(total: int, layers: np.ndarray, blocks: int, threads: int) -> int:
     """How many threads :func:`run` shares ``blocks`` blocks of ``total`` rows over."""
+    if threads == 1 or blocks == 1:
+        return 1
     multiply_adds = total * int((layers[:, IN] * layers[:, OUT]).sum())
     return max(1, min(threads, blocks, multiply_adds // SPLIT_MULTIPLY_ADDS))
 
