@@ -1,7 +1,7 @@
 """Import direction (../shared/STYLE.md): api -> domain -> ml; workers -> domain -> ml.
 
-service/ml imports torch/numpy (numba for the MC engine's CPU kernels, and numba's llvmlite to let
-its linker see the MKL in torch; scikit-learn for the built-in data) and the standard library only; nothing in service imports workers or service.api, except service.api itself and the
+service/ml imports torch/numpy (numba for the MC engine's CPU kernels, and numba's llvmlite to write
+the matmul kernels' LLVM IR; scikit-learn for the built-in data) and the standard library only; nothing in service imports workers or service.api, except service.api itself and the
 CLI entry point.
 """
 

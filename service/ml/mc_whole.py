@@ -3,10 +3,12 @@
 The per-block loop of :func:`service.ml.mc._run_fused` calls ``torch.mm`` and the kernels of
 :mod:`service.ml.mc_kernels` from Python, block after block. :func:`run_blocks` runs that loop in
 machine code: per block of rows the first dropout (the cached prefix broadcast and masked), then per
-Linear a register-tiled GEMM (:func:`service.ml.mc_simd.gemm`, or dot products for a last layer of
-at most 4 outputs) and the kernel that adds the bias, applies the ReLU and the next dropout. It
-holds no GIL, so the rows of a call can be split over threads: :func:`run` gives each of
-``torch.get_num_threads()`` threads whole blocks (the calling thread and a small pool). With several
+Linear the next dropout's mask bytes drawn and a register-tiled matmul (:func:`service.ml.mc_simd.layer`)
+that adds the bias and applies the ReLU and that mask as it stores each tile (a last layer of at
+most 4 outputs: dot products along the rows, then its bias and ReLU). It
+holds no GIL, so the rows of a call can be split over threads: in :func:`run` up to
+``torch.get_num_threads()`` threads (the calling thread and a small pool) take whole blocks one at a
+time from a shared counter until none are left, each running its blocks end to end. With several
 threads this beats threading each small matmul: that parallelises the matmuls only, and the masks,
 bias and activation run on one core.
 
@@ -30,7 +32,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 
 from service.ml import mc_kernels, mc_simd, numba_cache
 from service.ml.mc_kernels import bias_activation_dropout, broadcast_dropout
@@ -40,6 +44,18 @@ _FLAGS = dict(nogil=True, fastmath=True, error_model="numpy", cache=True, bounds
 # Columns of the int64 layer table (one row per Linear after the cached prefix).
 IN, OUT, WEIGHT, BIAS, BIAS_SIZE, RELU, DROPOUT, TOP, LOW, THRESHOLD, KEY, DOTS, FINISH = range(13)
 COLUMNS = 13
+
+
+@intrinsic
+def _take(typingctx, counter):  # noqa: ANN001, ANN202, ARG001
+    """``_take(counter)``: atomically ``counter[0] += 1``, returning the value before (int64 array)."""
+    signature = types.int64(counter)
+
+    def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202, ARG001
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        return builder.atomic_rmw("add", data, ir.Constant(ir.IntType(64), 1), "monotonic")
+
+    return signature, codegen
 
 
 def layer_weights(weight_t: np.ndarray, last: bool) -> tuple[np.ndarray, bool]:
@@ -52,8 +68,9 @@ def layer_weights(weight_t: np.ndarray, last: bool) -> tuple[np.ndarray, bool]:
 
 
 @njit(**_FLAGS)
-def run_blocks(prefix, first, layers, weights, biases, keys, out, block, first_block, end_block):
-    """Blocks ``first_block .. end_block`` of ``block`` rows of the T·B rows into ``out [T·B, n_out]``.
+def run_blocks(prefix, first, layers, weights, biases, keys, out, block, counter, end_block):
+    """Blocks of ``block`` rows of the T·B rows into ``out [T·B, n_out]``, taken one at a time from
+    ``counter`` (int64 ``[1]``, shared by the threads of a call) until it reaches ``end_block``.
 
     ``prefix``: the cached prefix ``[B, width]`` (repeated here as ``tiled_rows`` does); ``first``:
     the first dropout's ``(top, low, threshold, key)``; ``layers``: the int64 table (columns IN ...
@@ -81,7 +98,10 @@ def run_blocks(prefix, first, layers, weights, biases, keys, out, block, first_b
     no_words = words[:0]
     no_mask = words.view(np.uint8)[:0]
     flat_out = out.reshape(-1)
-    for b in range(first_block, end_block):
+    while True:
+        b = _take(counter)
+        if b >= end_block:
+            break
         start = b * block
         n = min(block, total - start)
         h = masked[: n * width].reshape((n, width))
@@ -180,42 +200,29 @@ def _forget_pool() -> None:  # a forked child has none of its parent's threads
 os.register_at_fork(after_in_child=_forget_pool)
 
 
-# A thread that takes a share of a call must be woken, and the caller must wait for it: a round
-# trip measured at 64-265 µs on a 2-vCPU VM (AMD EPYC, the longer the pool sat idle), where the
-# UCI net's whole call at batch 64 takes ~250 µs on one core. Each extra thread gets at least this
-# many multiply-adds of the call's Linear layers (~150-250 µs on one core), else the call stays on
-# fewer threads. It changes no result: the blocks are the same, whoever runs them.
-SPLIT_MULTIPLY_ADDS = 8_000_000
-
-
-def parts(total: int, layers: np.ndarray, blocks: int, threads: int) -> int:
-    """How many threads :func:`run` shares ``blocks`` blocks of ``total`` rows over."""
-    if threads == 1 or blocks == 1:
-        return 1
-    multiply_adds = total * int((layers[:, IN] * layers[:, OUT]).sum())
-    return max(1, min(threads, blocks, multiply_adds // SPLIT_MULTIPLY_ADDS))
-
-
 def run(prefix: np.ndarray, first: np.ndarray, layers: np.ndarray, weights: np.ndarray, biases: np.ndarray,
         keys: np.ndarray, out: np.ndarray, block: int, threads: int) -> None:
-    """Fill ``out [T·B, n_out]`` (see :func:`run_blocks`), the blocks split over up to ``threads``
-    threads (:func:`parts`) in contiguous runs: the calling thread takes the first, a small pool the
-    others."""
+    """Fill ``out [T·B, n_out]`` (see :func:`run_blocks`) on up to ``threads`` threads.
+
+    The calling thread starts on the blocks at once; the pool's threads join as they wake and take
+    what is left. Waking one costs a round trip of 64-265 µs on a 2-vCPU VM (AMD EPYC, the longer
+    the pool sat idle), as long as a small call takes on one core: a thread that has not started by
+    the time the blocks are all taken is called off (its task cancelled) rather than waited for."""
     blocks = -(-out.shape[0] // block)
-    count = parts(out.shape[0], layers, blocks, threads)
-    if count == 1:
-        run_blocks(prefix, first, layers, weights, biases, keys, out, block, 0, blocks)
+    counter = np.zeros(1, dtype=np.int64)
+    if threads == 1 or blocks == 1:
+        run_blocks(prefix, first, layers, weights, biases, keys, out, block, counter, blocks)
         return
-    bounds = [blocks * i // count for i in range(count + 1)]
     pool = _pool()
     futures: list[Future[None]] = [
-        pool.submit(run_blocks, prefix, first, layers, weights, biases, keys, out, block, bounds[i], bounds[i + 1])
-        for i in range(1, count)]
+        pool.submit(run_blocks, prefix, first, layers, weights, biases, keys, out, block, counter, blocks)
+        for _ in range(min(threads, blocks) - 1)]
     try:
-        run_blocks(prefix, first, layers, weights, biases, keys, out, block, bounds[0], bounds[1])
+        run_blocks(prefix, first, layers, weights, biases, keys, out, block, counter, blocks)
     finally:
         for future in futures:
-            future.result()
+            if not future.cancel():  # started: it is finishing its last block
+                future.result()
 
 
 def warm_up() -> None:
@@ -229,7 +236,7 @@ def warm_up() -> None:
     unseeded = np.frombuffer(keys.tobytes(), dtype=np.uint64)  # read-only, as mc._fused_keys gives them
     for each in (keys, unseeded):
         run_blocks(prefix, first, layers, np.zeros(3 * mc_simd.padded(2), dtype=np.float32), np.zeros(2, dtype=np.float32), each,
-                   np.empty((2, 2), dtype=np.float32), 2, 0, 1)
+                   np.empty((2, 2), dtype=np.float32), 2, np.zeros(1, dtype=np.int64), 1)
 
 
 # run_blocks' machine code holds the kernels it calls: flushed from numba's cache when they change.
