@@ -459,6 +459,92 @@ def budget_notes(results: list[Measurement], split: list[dict[str, float]], batc
     return notes
 
 
+class WholeCallAlone:
+    """The whole call alone (``service.ml.mc_whole.run_blocks`` over all the blocks, on the calling
+    thread) on the engine's arrays for the net at ``batch``: a call less its Python side (the
+    checks, the key draw, the cached prefix, the output tensor)."""
+
+    def __init__(self, net: nn.Sequential, batch: int, samples: int) -> None:
+        from service.ml import mc_whole
+
+        compiled = mc._compiled(net)
+        self.run_blocks, self.plan = mc_whole.run_blocks, compiled.fused.whole
+        width = compiled.fused.layers[0].weight_t.shape[0]
+        self.prefix = torch.randn(batch, width, generator=torch.Generator().manual_seed(8)).numpy()
+        self.keys = mc._fused_keys(2 * compiled.fused.dropouts, 1)
+        total = samples * batch
+        self.block = engine_block_rows(net, batch, samples, torch.device("cpu"))
+        self.blocks = -(-total // self.block)
+        self.out = np.empty((total, compiled.fused.layers[-1].weight_t.shape[1]), dtype=np.float32)
+
+    def __call__(self) -> None:
+        plan = self.plan
+        self.run_blocks(self.prefix, plan.first, plan.layers, plan.weights, plan.biases, self.keys, self.out,
+                        self.block, np.zeros(1, dtype=np.int64), self.blocks)
+
+
+def handoff_seconds(quick: bool) -> tuple[float, float]:
+    """Median round trip of an empty task through the whole call's pool (submit, a pool thread
+    wakes and runs it, the caller sees it done): back to back, and after 1 ms of the caller
+    spinning (as between two calls)."""
+    from service.ml import mc_whole
+
+    pool = mc_whole._pool()
+    pool.submit(lambda: None).result()
+    results = []
+    for gap in (0.0, 0.001):
+        times = []
+        for _ in range(50 if quick else 300):
+            until = time.perf_counter() + gap
+            while time.perf_counter() < until:
+                pass
+            started = time.perf_counter()
+            pool.submit(lambda: None).result()
+            times.append(time.perf_counter() - started)
+        results.append(statistics.median(times))
+    return results[0], results[1]
+
+
+def thread_notes(results: list[Measurement], quick: bool, batch: int = 64) -> list[str]:
+    """Per network, what the 50 % target asks of a call at torch's default threads and what the
+    parts of a call measured here allow: the whole call alone and the rest of a call at 1 thread
+    (measured back to back here), and the round trip of handing work to another thread."""
+    many = {m.network.name: m for m in results if m.threads != "1" and m.batch == batch}
+    if not many:
+        return []
+    back_to_back, after_gap = handoff_seconds(quick)
+    notes = [f"Handing work to another thread of the pool (submit, wake, run an empty task, see it done) took "
+             f"{back_to_back * 1e6:,.0f} µs back to back and {after_gap * 1e6:,.0f} µs after 1 ms idle (median), "
+             "mostly waking a sleeping thread (on a VM its vCPU may have halted); MKL's OpenMP threads, which the matmul baseline runs "
+             "on, spin between its back-to-back calls and do not pay it."]
+    for network in NETWORKS:
+        if network.name not in many:
+            continue
+        mt = many[network.name]
+        net = build_network(network.spec, seed=0)
+        x = torch.randn(batch, network.spec.n_inputs, generator=torch.Generator().manual_seed(9))
+        alone_call = WholeCallAlone(net, batch, SAMPLES)
+        calls, alones = [], []
+        with torch_threads(1):  # back to back, so that the machine's load changes little between the two
+            for _ in range(1 if quick else 3):
+                calls.append(seconds_per_call(lambda: sample_outputs(net, x, SAMPLES, SEED), quick=quick))
+                alones.append(seconds_per_call(alone_call, quick=quick))
+        alone = statistics.median(alones)
+        serial = max(0.0, statistics.median(calls) - alone)
+        threads = DEFAULT_THREADS
+        budget = mt.flops / (PEAK_FRACTION_TARGET * mt.matmul_gflops * 1e9)
+        ideal = serial + alone / threads
+        notes.append(
+            f"{threads} threads, {network.name}, batch {batch}: 50 % of the {threads}-thread matmul's "
+            f"{mt.matmul_gflops:.0f} GFLOP/s allows {budget * 1e6:,.0f} µs a call. At 1 thread the whole call "
+            f"alone (mc_whole.run_blocks) took {alone * 1e6:,.0f} µs and the rest of the call (Python, checks, "
+            f"keys, prefix, output) {serial * 1e6:,.0f} µs; shared perfectly over {threads} threads with no "
+            f"handoff, a call would take {ideal * 1e6:,.0f} µs ({'within' if ideal <= budget else 'over'} the "
+            f"budget), and a pool thread joins only after the round trip above; measured: "
+            f"{mt.engine_s * 1e6:,.0f} µs.")
+    return notes
+
+
 def allocation_probe(quick: bool) -> dict[str, dict[str, float]]:
     """The engine at batch 64, 1 thread: ms per call, minor page faults per call, and the share of
     this process's matmul GFLOP/s ([T·64, width] @ [width, width]) that the call reaches."""
@@ -587,9 +673,11 @@ def run(quick: bool = False, device: str | torch.device = "cpu",
                "prefix over the samples and masks it (a kernel of service.ml.mc_kernels), then per Linear draws the "
                "next dropout's mask bytes and runs the register-tiled matmul of service.ml.mc_simd, which adds the "
                "bias, applies the ReLU and the mask as it stores each tile (a last layer of at most 4 outputs: dot "
-               "products along the rows, then its bias). With more than one thread the blocks are shared out over "
-               "the threads (the calling one and a pool), each running its own blocks from end to end, so masks and "
-               "matmuls scale together and a seed gives the same samples whatever the threads" if whole else
+               "products along the rows, then its bias). With more than one thread the calling thread and a pool's "
+               "threads take the blocks one at a time from a shared counter, each running its blocks from end to "
+               "end (the caller starts at once; a pool thread that has not woken by the time the blocks run out is "
+               "called off), so masks and matmuls scale together and a seed gives the same samples whatever the "
+               "threads" if whole else
                "per block, torch.mm (MKL) computes each Linear into a buffer of the block and one numba kernel of "
                "service.ml.mc_kernels adds the bias, applies the ReLU and draws and applies the next dropout's mask "
                "in one pass (the Python loop over blocks)")
@@ -632,7 +720,8 @@ def run(quick: bool = False, device: str | torch.device = "cpu",
         notes=["FLOPs are the Linear layers' 2·m·n·k over the T passes; the layers before the first dropout "
                "are counted once (they are computed once). Masks, bias, ReLU and copies count as no FLOPs: they "
                "are the overhead this ratio exposes. The UCI net does 22 Linear FLOPs per mask element "
-               "(textbook: 75)."] + engine_notes + [noise],
+               "(textbook: 75)."] + engine_notes
+              + (thread_notes(results, quick) if device.type == "cpu" else []) + [noise],
     )
 
     sections = [speed, flops]
