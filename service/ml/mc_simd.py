@@ -73,8 +73,8 @@ def _vector_at(builder: ir.IRBuilder, base: ir.Value, offset: ir.Value) -> ir.Va
     return builder.bitcast(builder.gep(base, [offset]), _VECTOR.as_pointer())
 
 
-def _tile(rows: int, vectors: int):  # noqa: ANN202 (a numba intrinsic)
-    """The intrinsic ``tile(a, lda, b, ldb, c, ldc, depth, last, bias, relu, mask, ldm, threshold)``
+def _emit_tile(builder: ir.IRBuilder, rows: int, vectors: int, args: list[ir.Value]) -> None:
+    """Emit one tile ``(a, lda, b, ldb, c, ldc, depth, last, bias, relu, mask, ldm, threshold)``
     (addresses; strides in elements): for ``rows`` rows and ``vectors`` vectors of columns,
 
         ``C[r, j] = act(bias[j] + Σ_q A[r, q] · B[q, j]) · (mask[r · ldm + j] >= threshold)``,
@@ -82,64 +82,71 @@ def _tile(rows: int, vectors: int):  # noqa: ANN202 (a numba intrinsic)
     ``act`` the ReLU where ``relu`` is nonzero, else the identity; ``mask`` bytes (0/1 as the
     kernels of :mod:`service.ml.mc_kernels` compare them). The last vector stores only its first
     ``last`` lanes (1 to LANES); every vector of ``bias`` and ``mask`` is loaded whole."""
-
-    @intrinsic
-    def tile(typingctx, a, lda, b, ldb, c, ldc, depth, last, bias, relu, mask, ldm, threshold):  # noqa: ANN001, ANN202, ARG001
-        signature = types.void(*([types.intp] * 13))
-
-        def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202, ARG001
-            a, lda, b, ldb, c, ldc, depth, last, bias, relu, mask, ldm, threshold = args
-            a, b, c, bias = (builder.inttoptr(p, _F32.as_pointer()) for p in (a, b, c, bias))
-            mask = builder.inttoptr(mask, _I8.as_pointer())
-            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VECTOR, [_VECTOR] * 3),
-                                                 f"llvm.fma.v{LANES}f32")
-            zero = ir.Constant(_VECTOR, [0.0] * LANES)
-            biases = [builder.load(_vector_at(builder, bias, _index(v * LANES)), align=4) for v in range(vectors)]
-            # the sums start at the bias: bias + Σ_q, one rounding fewer than adding it after
-            sums = [[cgutils.alloca_once_value(builder, biases[v]) for v in range(vectors)] for _ in range(rows)]
-            with cgutils.for_range(builder, depth) as loop:
-                q = loop.index
-                b_row = builder.gep(b, [builder.mul(q, ldb)])
-                columns = [builder.load(_vector_at(builder, b_row, _index(v * LANES)), align=4) for v in range(vectors)]
-                for r in range(rows):
-                    x = _splat(builder, builder.load(builder.gep(a, [builder.add(builder.mul(_index(r), lda), q)])))
-                    for v in range(vectors):
-                        builder.store(builder.call(fma, [x, columns[v], builder.load(sums[r][v])]), sums[r][v])
-            # ReLU as max(x, floor): floor 0, or -inf (the identity) where relu is 0
-            floor = _splat_float(builder, builder.select(builder.icmp_signed("!=", relu, _index(0)),
-                                                         ir.Constant(_F32, 0.0), ir.Constant(_F32, float("-inf"))))
-            limit = builder.shuffle_vector(
-                builder.insert_element(ir.Constant(_BYTES, ir.Undefined), builder.trunc(threshold, _I8), ir.Constant(_I32, 0)),
-                ir.Constant(_BYTES, ir.Undefined), ir.Constant(_INTS, [0] * LANES))  # threshold <= 255
-            lanes = builder.icmp_unsigned("<", ir.Constant(_INTS, list(range(LANES))),
-                                          _splat_int(builder, builder.trunc(last, _I32)))
-            store_some = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(ir.VoidType(), [_VECTOR, _F32.as_pointer(), _I32, lanes.type]),
-                f"llvm.masked.store.v{LANES}f32.p0")
-            maximum = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VECTOR, [_VECTOR] * 2),
-                                                     f"llvm.maxnum.v{LANES}f32")
-            for r in range(rows):
-                c_row = builder.gep(c, [builder.mul(_index(r), ldc)])
-                mask_row = builder.gep(mask, [builder.mul(_index(r), ldm)])
-                for v in range(vectors):
-                    x = builder.call(maximum, [builder.load(sums[r][v]), floor])
-                    keep = builder.bitcast(builder.gep(mask_row, [_index(v * LANES)]), _BYTES.as_pointer())
-                    kept = builder.icmp_unsigned(">=", builder.load(keep, align=1), limit)
-                    x = builder.select(kept, x, zero)
-                    at = builder.gep(c_row, [_index(v * LANES)])
-                    if v < vectors - 1:
-                        builder.store(x, builder.bitcast(at, _VECTOR.as_pointer()), align=4)
-                    else:  # the last vector: only its first `last` lanes
-                        builder.call(store_some, [x, at, ir.Constant(_I32, 4), lanes])
-            return context.get_dummy_value()
-
-        return signature, codegen
-
-    return tile
+    a, lda, b, ldb, c, ldc, depth, last, bias, relu, mask, ldm, threshold = args
+    a, b, c, bias = (builder.inttoptr(p, _F32.as_pointer()) for p in (a, b, c, bias))
+    mask = builder.inttoptr(mask, _I8.as_pointer())
+    fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VECTOR, [_VECTOR] * 3),
+                                         f"llvm.fma.v{LANES}f32")
+    zero = ir.Constant(_VECTOR, [0.0] * LANES)
+    biases = [builder.load(_vector_at(builder, bias, _index(v * LANES)), align=4) for v in range(vectors)]
+    # the sums start at the bias: bias + Σ_q, one rounding fewer than adding it after
+    sums = [[cgutils.alloca_once_value(builder, biases[v]) for v in range(vectors)] for _ in range(rows)]
+    with cgutils.for_range(builder, depth) as loop:
+        q = loop.index
+        b_row = builder.gep(b, [builder.mul(q, ldb)])
+        columns = [builder.load(_vector_at(builder, b_row, _index(v * LANES)), align=4) for v in range(vectors)]
+        for r in range(rows):
+            x = _splat(builder, builder.load(builder.gep(a, [builder.add(builder.mul(_index(r), lda), q)])))
+            for v in range(vectors):
+                builder.store(builder.call(fma, [x, columns[v], builder.load(sums[r][v])]), sums[r][v])
+    # ReLU as max(x, floor): floor 0, or -inf (the identity) where relu is 0
+    floor = _splat_float(builder, builder.select(builder.icmp_signed("!=", relu, _index(0)),
+                                                 ir.Constant(_F32, 0.0), ir.Constant(_F32, float("-inf"))))
+    limit = builder.shuffle_vector(
+        builder.insert_element(ir.Constant(_BYTES, ir.Undefined), builder.trunc(threshold, _I8), ir.Constant(_I32, 0)),
+        ir.Constant(_BYTES, ir.Undefined), ir.Constant(_INTS, [0] * LANES))  # threshold <= 255
+    lanes = builder.icmp_unsigned("<", ir.Constant(_INTS, list(range(LANES))),
+                                  _splat_int(builder, builder.trunc(last, _I32)))
+    store_some = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(ir.VoidType(), [_VECTOR, _F32.as_pointer(), _I32, lanes.type]),
+        f"llvm.masked.store.v{LANES}f32.p0")
+    maximum = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VECTOR, [_VECTOR] * 2),
+                                             f"llvm.maxnum.v{LANES}f32")
+    for r in range(rows):
+        c_row = builder.gep(c, [builder.mul(_index(r), ldc)])
+        mask_row = builder.gep(mask, [builder.mul(_index(r), ldm)])
+        for v in range(vectors):
+            x = builder.call(maximum, [builder.load(sums[r][v]), floor])
+            keep = builder.bitcast(builder.gep(mask_row, [_index(v * LANES)]), _BYTES.as_pointer())
+            kept = builder.icmp_unsigned(">=", builder.load(keep, align=1), limit)
+            x = builder.select(kept, x, zero)
+            at = builder.gep(c_row, [_index(v * LANES)])
+            if v < vectors - 1:
+                builder.store(x, builder.bitcast(at, _VECTOR.as_pointer()), align=4)
+            else:  # the last vector: only its first `last` lanes
+                builder.call(store_some, [x, at, ir.Constant(_I32, 4), lanes])
 
 
-_TILE_4_1, _TILE_4_2, _TILE_4_3 = _tile(4, 1), _tile(4, 2), _tile(4, 3)
-_TILE_1_1, _TILE_1_2, _TILE_1_3 = _tile(1, 1), _tile(1, 2), _tile(1, 3)
+# The tiles _tile compiles in: 4 rows (or 1, for the rows left over) by 3, 2 or 1 vectors.
+_TILES = [(rows, vectors) for rows in (TILE_ROWS, 1) for vectors in range(MOST_VECTORS, 0, -1)]
+
+
+@intrinsic
+def _tile(typingctx, rows, vectors, a, lda, b, ldb, c, ldc, depth, last, bias, relu, mask, ldm, threshold):  # noqa: ANN001, ANN202, ARG001
+    """The intrinsic ``_tile(rows, vectors, a, lda, ...)``: the tile of :func:`_emit_tile` for ``rows``
+    and ``vectors`` (one of ``_TILES``; any other does nothing), each variant compiled in once."""
+    signature = types.void(*([types.intp] * 15))
+
+    def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202, ARG001
+        rows, vectors, rest = args[0], args[1], list(args[2:])
+        for tile_rows, tile_vectors in _TILES:
+            chosen = builder.and_(builder.icmp_signed("==", rows, _index(tile_rows)),
+                                  builder.icmp_signed("==", vectors, _index(tile_vectors)))
+            with builder.if_then(chosen):
+                _emit_tile(builder, tile_rows, tile_vectors, rest)
+        return context.get_dummy_value()
+
+    return signature, codegen
 
 
 def _dots(rows: int):  # noqa: ANN202 (a numba intrinsic)
@@ -290,19 +297,7 @@ def layer(a, b, bias, relu, mask, threshold, c):  # noqa: ANN001, ANN201 (numba)
             last = min(LANES, m - LANES * (j + group - 1))
             pa, pb, pc = a0 + size * r * lda, b0 + size * LANES * j, c0 + size * (r * m + LANES * j)
             pbias, pmask = bias0 + size * LANES * j, mask0 + r * ldm + LANES * j
-            if rows == TILE_ROWS:
-                if group == 3:
-                    _TILE_4_3(pa, lda, pb, ldb, pc, m, k, last, pbias, relu, pmask, ldm, threshold)
-                elif group == 2:
-                    _TILE_4_2(pa, lda, pb, ldb, pc, m, k, last, pbias, relu, pmask, ldm, threshold)
-                else:
-                    _TILE_4_1(pa, lda, pb, ldb, pc, m, k, last, pbias, relu, pmask, ldm, threshold)
-            elif group == 3:
-                _TILE_1_3(pa, lda, pb, ldb, pc, m, k, last, pbias, relu, pmask, ldm, threshold)
-            elif group == 2:
-                _TILE_1_2(pa, lda, pb, ldb, pc, m, k, last, pbias, relu, pmask, ldm, threshold)
-            else:
-                _TILE_1_1(pa, lda, pb, ldb, pc, m, k, last, pbias, relu, pmask, ldm, threshold)
+            _tile(rows, group, pa, lda, pb, ldb, pc, m, k, last, pbias, relu, pmask, ldm, threshold)
             j += group
         r += rows
 
