@@ -10,8 +10,9 @@ rounded to a multiple of 2**-16 (as in :mod:`service.ml.sweep`) and each 1/keep 
 into the next Linear. On the CPU the masks are drawn and applied in cache-sized blocks of rows
 by the fused kernels of :mod:`service.ml.mc_kernels` — for ReLU nets the whole loop over blocks in
 one machine-code call (:mod:`service.ml.mc_whole`, its matmuls the register-tiled kernels of
-:mod:`service.ml.mc_simd`) that shares the blocks out over torch's threads; elsewhere by torch ops on tensors the engine creates. What a call needs of the net (the
-plans, the scaled weights) is kept per net while its modules, parameters and rates stay the same.
+:mod:`service.ml.mc_simd`) that shares the blocks out over torch's threads; elsewhere by torch
+ops on tensors the engine creates. What a call needs of the net (the plans, the scaled weights)
+is kept per net while its modules, parameters and rates stay the same.
 :func:`sample_outputs_loop` is the reference.
 """
 

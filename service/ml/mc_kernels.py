@@ -40,7 +40,6 @@ _MIX2 = np.uint64(0x94D049BB133111EB)
 _ONE = np.uint64(1)
 _BYTE = np.uint64(255)
 _LOW_BYTES = np.uint64(0x0101010101010101)
-_LOW_SEVEN = np.uint64(0x7F7F7F7F7F7F7F7F)
 _HIGH_BIT = np.uint64(0x80)
 
 # Activations the kernel applies itself; others are applied by torch between two kernel calls.
@@ -79,8 +78,7 @@ def draw(words, first, units, key, key2, top, low):
     for t in range(mc_simd.words_with_byte(words, count, pattern, found)):  # ~1 word in 32
         i = found[t]
         word = words[i]
-        x = word ^ pattern  # a zero byte where the byte equals top
-        hits = ~(((x & _LOW_SEVEN) + _LOW_SEVEN) | x | _LOW_SEVEN)  # exactly those bytes' high bits
+        hits = mc_simd.equal_bytes(word, pattern)  # the high bit of each byte equal to top
         while hits != np.uint64(0):
             shift = np.uint64(0)
             while ((hits >> shift) & _HIGH_BIT) == np.uint64(0):

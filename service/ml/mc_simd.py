@@ -239,16 +239,26 @@ def _words_with_byte(typingctx, words, count, pattern, found):  # noqa: ANN001, 
     return signature, codegen
 
 
+_SEVENS = np.uint64(0x7F7F7F7F7F7F7F7F)
+
+
+@njit(inline="always")
+def equal_bytes(word, pattern):  # noqa: ANN001, ANN201 (numba)
+    """The high bit of every byte of ``word`` (uint64) equal to the byte repeated in ``pattern``,
+    exactly: 0 where there is none (as the vector test of ``_words_with_byte``)."""
+    x = word ^ pattern  # a zero byte where they are equal
+    return ~(((x & _SEVENS) + _SEVENS) | x | _SEVENS)
+
+
 @njit(inline="always")
 def words_with_byte(words, count, pattern, found):  # noqa: ANN001, ANN201 (numba)
     """The indices ``i < count`` of the words of ``words`` (uint64) with a byte equal to the byte
-    repeated in ``pattern``, in order, into ``found`` (int64, at least ``count``); returns how many."""
+    repeated in ``pattern``, in order, into ``found`` (int64, at least ``count + LANES``: whole
+    vectors of indices are stored); returns how many."""
     whole = count - count % LANES
     n = _words_with_byte(words.ctypes.data, whole, pattern, found.ctypes.data)
     for i in range(whole, count):
-        x = words[i] ^ pattern
-        if (((x & np.uint64(0x7F7F7F7F7F7F7F7F)) + np.uint64(0x7F7F7F7F7F7F7F7F)) | x
-                | np.uint64(0x7F7F7F7F7F7F7F7F)) != np.uint64(0xFFFFFFFFFFFFFFFF):
+        if equal_bytes(words[i], pattern) != np.uint64(0):
             found[n] = i
             n += 1
     return n

@@ -103,3 +103,20 @@ def test_padding():
     w = np.ones((3, 10), dtype=np.float32)
     p = mc_simd.padded_weights(w)
     assert p.shape == (3, 16) and (p[:, :10] == 1).all() and (p[:, 10:] == 0).all()
+
+
+@pytest.mark.parametrize("count", [0, 1, 7, 8, 9, 63, 5000, 5003])
+def test_words_with_a_byte_are_found_in_order(count):
+    from numba import njit
+
+    @njit
+    def find(words, count, pattern, found):
+        return mc_simd.words_with_byte(words, count, pattern, found)
+
+    words = RNG.integers(0, 2**64, size=count + 3, dtype=np.uint64)  # words past count are not looked at
+    words[count:] = np.uint64(0x0C0C0C0C0C0C0C0C)
+    found = np.full(count + mc_simd.LANES, -1, dtype=np.int64)
+    n = find(words, count, np.uint64(0x0C0C0C0C0C0C0C0C), found)
+    expected = np.nonzero((words[:count].view(np.uint8).reshape(-1, 8) == 12).any(axis=1))[0]
+    assert n == len(expected) and (found[:n] == expected).all()
+    assert count < 5000 or n > 100  # ~1 word in 32 has the byte
