@@ -12,7 +12,6 @@ from torch import nn
 from service.ml import mc, mc_whole
 from service.ml.mc import sample_outputs
 from service.ml.nets import NetworkSpec, build_network
-from tests.ml.test_mc import inputs
 
 
 @pytest.fixture
