@@ -238,7 +238,7 @@ class EngineLayersAlone:
         prefix, _ = split_linears(net)
         plan = mc._compiled(net).fused.whole
         generator = torch.Generator().manual_seed(5)
-        self.simd, self.total = mc_simd, samples * batch
+        self.simd, self.total, self.lanes = mc_simd, samples * batch, plan.lanes
         self.block = engine_block_rows(net, batch, samples, torch.device("cpu"))
         with torch.no_grad():
             self.prefix = [(torch.randn(batch, m.in_features, generator=generator), m.weight.detach().t().contiguous(),
@@ -249,7 +249,7 @@ class EngineLayersAlone:
         self.input = h
         for row in plan.layers:
             m, at, dots = int(row[mc_whole.OUT]), int(row[mc_whole.WEIGHT]), bool(row[mc_whole.DOTS])
-            shape = (m, k) if dots else (k, mc_simd.padded(m))
+            shape = (m, k) if dots else (k, mc_simd.padded(m, plan.lanes))
             weights = plan.weights[at : at + shape[0] * shape[1]].reshape(shape)
             self.layers.append((dots, weights, np.empty((self.block, m), dtype=np.float32)))
             k = m
@@ -257,15 +257,15 @@ class EngineLayersAlone:
     def __call__(self) -> None:
         for x, weight_t, out in self.prefix:
             torch.mm(x, weight_t, out=out)
-        simd = self.simd
+        simd, lanes = self.simd, self.lanes
         for start in range(0, self.total, self.block):
             n = min(self.block, self.total - start)
             h = self.input[:n]
             for dots, weights, out in self.layers:
                 if dots:
-                    simd.dot_rows(h, weights, out[:n])
+                    simd.dot_rows(h, weights, out[:n], lanes)
                 else:
-                    simd.gemm(h, weights, out[:n])
+                    simd.gemm(h, weights, out[:n], lanes)
                 h = out[:n]
 
 
@@ -480,7 +480,7 @@ class WholeCallAlone:
     def __call__(self) -> None:
         plan = self.plan
         self.run_blocks(self.prefix, plan.first, plan.layers, plan.weights, plan.biases, self.keys, self.out,
-                        self.block, np.zeros(1, dtype=np.int64), self.blocks)
+                        self.block, np.zeros(1, dtype=np.int64), self.blocks, plan.lanes)
 
 
 def handoff_seconds(quick: bool) -> tuple[float, float]:

@@ -288,6 +288,7 @@ class _WholePlan(NamedTuple):
     layers: np.ndarray  # int64 [Linear layers, mc_whole.COLUMNS]
     weights: np.ndarray  # float32, flat
     biases: np.ndarray  # float32, flat
+    lanes: int  # the matmuls' vector width (mc_simd.LANES: 16 with AVX-512, else 8)
 
 
 def _whole_plan(first: _FusedDropout, layers: list[_FusedLayer]) -> _WholePlan | None:
@@ -295,12 +296,12 @@ def _whole_plan(first: _FusedDropout, layers: list[_FusedLayer]) -> _WholePlan |
     activation other than ReLU (applied by torch between the kernels)."""
     if any(layer.activation is not None for layer in layers):
         return None
-    from service.ml import mc_whole
+    from service.ml import mc_simd, mc_whole
 
     table = np.zeros((len(layers), mc_whole.COLUMNS), dtype=np.int64)
     weights, biases, weight_at, bias_at = [], [], 0, 0
     for i, layer in enumerate(layers):
-        weight, dots = mc_whole.layer_weights(layer.weight_t.numpy(), last=i == len(layers) - 1)
+        weight, dots = mc_whole.layer_weights(layer.weight_t.numpy(), i == len(layers) - 1, mc_simd.LANES)
         d = layer.dropout
         table[i] = (layer.weight_t.shape[0], layer.weight_t.shape[1], weight_at, bias_at, layer.bias.size,
                     layer.relu, d is not None, d.top if d else 0, d.low if d else 0, d.threshold if d else 0,
@@ -311,7 +312,7 @@ def _whole_plan(first: _FusedDropout, layers: list[_FusedLayer]) -> _WholePlan |
         bias_at += layer.bias.size
     return _WholePlan(np.array([first.top, first.low, first.threshold, 2 * first.index], dtype=np.int64), table,
                       np.ascontiguousarray(np.concatenate(weights), dtype=np.float32),
-                      np.ascontiguousarray(np.concatenate(biases), dtype=np.float32))
+                      np.ascontiguousarray(np.concatenate(biases), dtype=np.float32), mc_simd.LANES)
 
 
 def _kernels():  # noqa: ANN202 (a module)
@@ -417,7 +418,7 @@ def _run_fused(prefix: Tensor, plan: _FusedPlan, samples: int, keys: np.ndarray,
     if whole is not None:
         output = np.empty((total, plan.layers[-1].weight_t.shape[1]), dtype=np.float32)
         _whole().run(prefix.contiguous().numpy(), whole.first, whole.layers, whole.weights, whole.biases, keys, output,
-                     block, torch.get_num_threads())
+                     block, torch.get_num_threads(), whole.lanes)
         return torch.from_numpy(output)
     prefix_np = mc_kernels.tiled_rows(prefix.contiguous().numpy())  # row (t·B + b) % its rows is b
     first, last = plan.first, plan.layers[-1]

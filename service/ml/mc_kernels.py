@@ -74,7 +74,7 @@ def draw(words, first, units, key, key2, top, low):
     if low == 0:  # the threshold is a multiple of 256: the high byte decides alone
         return offset
     pattern = np.uint64(top) * _LOW_BYTES
-    found = np.empty(count + mc_simd.LANES, dtype=np.int64)
+    found = np.empty(count + mc_simd.WORD_STEP, dtype=np.int64)
     for t in range(mc_simd.words_with_byte(words, count, pattern, found)):  # ~1 word in 32
         i = found[t]
         word = words[i]

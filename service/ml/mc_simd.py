@@ -7,203 +7,230 @@ is tuned for large square products; on such shapes it spends its time packing an
 80-90). These kernels skip all that, since a layer's weights (at most a few tens of KiB) stay in
 the core's L1 cache anyway:
 
-* :func:`gemm` computes ``C [n, m] = A [n, k] @ B [k, m]`` tile by tile: 4 rows by up to 3
-  vectors of 8 lanes, 12 accumulators held in registers over the whole ``k`` loop, each step one
-  broadcast of ``A[r, q]`` per row and one load of ``B[q, j:j+8]`` per vector, fused
-  multiply-adds. The tiles are emitted as LLVM IR (``<8 x float>`` and ``llvm.fma``) through
-  numba intrinsics, so they are compiled for the host's vector unit like the rest of numba's code
-  (AVX2 and AVX-512 alike; 16 vector registers are enough).
+* :func:`gemm` computes ``C [n, m] = A [n, k] @ B [k, m]`` tile by tile: a few rows by a few
+  vectors of columns, one accumulator per row and vector held in a register over the whole ``k``
+  loop, each step one broadcast of ``A[r, q]`` per row and one load of ``B[q, j:j+lanes]`` per
+  vector, fused multiply-adds. The tiles are emitted as LLVM IR (``<lanes x float>`` and
+  ``llvm.fma``) through numba intrinsics, compiled for the host's vector unit like the rest of
+  numba's code.
 * :func:`dot_rows` computes a layer with at most 4 outputs as dot products along the rows (a
-  vector tile would use at most 4 of its 8 lanes).
+  vector tile would use at most 4 of its lanes).
 
-The weights come padded: ``B`` has :func:`padded` (m) columns, so that every vector load of a row
-stays inside it; the lanes past ``m`` are computed and never stored. Sums are accumulated in
-float32 in order over ``k``, one fused multiply-add each, so the results differ from a BLAS's by
-rounding only (relative 1e-7 to 1e-6).
+Two vector widths are compiled in, and every kernel takes the one to use (``lanes``): 16 floats
+(512 bits, AVX-512: 32 vector registers, so tiles of up to 24 accumulators) and 8 floats (256
+bits, AVX2: 16 registers, tiles of up to 12). :data:`LANES` is the one the engine uses: 16 where
+numba compiles for AVX-512, else 8. On an Intel Xeon (Emerald Rapids) 16 lanes ran the engine's
+``[800, 64] @ [64, 64]`` 1.6x as fast as 8 (two 512-bit FMA units); a vector of 16 where the
+target has only 256-bit registers is split in two by LLVM, correct but no faster.
+
+The weights come padded: ``B`` has :func:`padded` (m, lanes) columns, so that every vector load
+of a row stays inside it; the lanes past ``m`` are computed and never stored. Sums are
+accumulated in float32 in order over ``k``, one fused multiply-add each, so the results differ
+from a BLAS's by rounding only (relative 1e-7 to 1e-6), and not at all between the two widths.
 """
 
 from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import config, njit, types
 from numba.core import cgutils
+from numba.core.codegen import get_host_cpu_features
 from numba.extending import intrinsic
 
-LANES = 8  # floats per vector
-TILE_ROWS = 4
-MOST_VECTORS = 3  # a tile's vectors: TILE_ROWS · MOST_VECTORS accumulators, + the loads: 16 registers
+NARROW, WIDE = 8, 16  # floats per vector: 256 and 512 bits
 DOT_OUTPUTS = 4  # layers with at most this many outputs take dot_rows
+WORD_STEP = 8  # words_with_byte tests this many uint64 words at a time (512 bits)
+
+# The tiles per width: (rows, vectors), widest first, a tile's accumulators (rows · vectors) and
+# its column loads (vectors) within the vector registers: 32 with AVX-512, 16 with AVX2. A tile
+# of fewer than 8 accumulators would wait on the FMAs' latency (4 cycles, 2 units).
+_WIDE_SHAPES = ((6, 4), (8, 3), (12, 2), (16, 1))
+_NARROW_SHAPES = ((4, 3), (4, 2), (12, 1))
+_SHAPES = {WIDE: _WIDE_SHAPES, NARROW: _NARROW_SHAPES}
+_F32 = ir.FloatType()
+_I8, _I32, _I64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
+
+
+def _target_is_avx512() -> bool:
+    """Whether numba compiles for AVX-512 (its target features: NUMBA_CPU_FEATURES, else the host's)."""
+    features = config.CPU_FEATURES if config.CPU_FEATURES is not None else get_host_cpu_features()
+    return "+avx512f" in str(features).split(",")
+
+
+LANES = WIDE if _target_is_avx512() else NARROW  # the width the engine uses
+
 
 _FLAGS = dict(nogil=True, fastmath=True, error_model="numpy", cache=True, boundscheck=False)
-_F32 = ir.FloatType()
-_I64 = ir.IntType(64)
-_VECTOR = ir.VectorType(_F32, LANES)
-_I8, _I32 = ir.IntType(8), ir.IntType(32)
-_BYTES, _INTS = ir.VectorType(_I8, LANES), ir.VectorType(_I32, LANES)
 
 
 def _index(value: int) -> ir.Constant:
     return ir.Constant(_I64, value)
 
 
-def _splat(builder: ir.IRBuilder, value: ir.Value) -> ir.Value:
-    undefined = ir.Constant(_VECTOR, ir.Undefined)
-    first = builder.insert_element(undefined, value, ir.Constant(ir.IntType(32), 0))
-    return builder.shuffle_vector(first, undefined, ir.Constant(ir.VectorType(ir.IntType(32), LANES), [0] * LANES))
-
-
-def _splat_bool(builder: ir.IRBuilder, value: ir.Value) -> ir.Value:
-    kind = ir.VectorType(ir.IntType(1), LANES)
+def _splat(builder: ir.IRBuilder, value: ir.Value, lanes: int) -> ir.Value:
+    """``value`` in every lane of a vector of ``lanes``."""
+    kind = ir.VectorType(value.type, lanes)
     first = builder.insert_element(ir.Constant(kind, ir.Undefined), value, ir.Constant(_I32, 0))
-    return builder.shuffle_vector(first, ir.Constant(kind, ir.Undefined), ir.Constant(_INTS, [0] * LANES))
+    return builder.shuffle_vector(first, ir.Constant(kind, ir.Undefined), ir.Constant(ir.VectorType(_I32, lanes), [0] * lanes))
 
 
-def _splat_float(builder: ir.IRBuilder, value: ir.Value) -> ir.Value:
-    first = builder.insert_element(ir.Constant(_VECTOR, ir.Undefined), value, ir.Constant(_I32, 0))
-    return builder.shuffle_vector(first, ir.Constant(_VECTOR, ir.Undefined), ir.Constant(_INTS, [0] * LANES))
+def _vector_at(builder: ir.IRBuilder, base: ir.Value, offset: ir.Value, kind: ir.VectorType) -> ir.Value:
+    return builder.bitcast(builder.gep(base, [offset]), kind.as_pointer())
 
 
-def _splat_int(builder: ir.IRBuilder, value: ir.Value) -> ir.Value:
-    first = builder.insert_element(ir.Constant(_INTS, ir.Undefined), value, ir.Constant(_I32, 0))
-    return builder.shuffle_vector(first, ir.Constant(_INTS, ir.Undefined), ir.Constant(_INTS, [0] * LANES))
-
-
-def _vector_at(builder: ir.IRBuilder, base: ir.Value, offset: ir.Value) -> ir.Value:
-    return builder.bitcast(builder.gep(base, [offset]), _VECTOR.as_pointer())
-
-
-def _emit_tile(builder: ir.IRBuilder, rows: int, vectors: int, args: list[ir.Value]) -> None:
+def _emit_tile(builder: ir.IRBuilder, lanes: int, rows: int, vectors: int, args: list[ir.Value]) -> None:
     """Emit one tile ``(a, lda, b, ldb, c, ldc, depth, last, bias, relu, mask, ldm, threshold)``
-    (addresses; strides in elements): for ``rows`` rows and ``vectors`` vectors of columns,
+    (addresses; strides in elements): for ``rows`` rows and ``vectors`` vectors of ``lanes`` columns,
 
         ``C[r, j] = act(bias[j] + Σ_q A[r, q] · B[q, j]) · (mask[r · ldm + j] >= threshold)``,
 
     ``act`` the ReLU where ``relu`` is nonzero, else the identity; ``mask`` bytes (0/1 as the
     kernels of :mod:`service.ml.mc_kernels` compare them). The last vector stores only its first
-    ``last`` lanes (1 to LANES); every vector of ``bias`` and ``mask`` is loaded whole."""
+    ``last`` lanes (1 to lanes); every vector of ``bias`` and ``mask`` is loaded whole."""
     a, lda, b, ldb, c, ldc, depth, last, bias, relu, mask, ldm, threshold = args
     a, b, c, bias = (builder.inttoptr(p, _F32.as_pointer()) for p in (a, b, c, bias))
     mask = builder.inttoptr(mask, _I8.as_pointer())
-    fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VECTOR, [_VECTOR] * 3),
-                                         f"llvm.fma.v{LANES}f32")
-    zero = ir.Constant(_VECTOR, [0.0] * LANES)
-    biases = [builder.load(_vector_at(builder, bias, _index(v * LANES)), align=4) for v in range(vectors)]
+    floats, bytes_ = ir.VectorType(_F32, lanes), ir.VectorType(_I8, lanes)
+    fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(floats, [floats] * 3), f"llvm.fma.v{lanes}f32")
+    zero = ir.Constant(floats, [0.0] * lanes)
+    biases = [builder.load(_vector_at(builder, bias, _index(v * lanes), floats), align=4) for v in range(vectors)]
     # the sums start at the bias: bias + Σ_q, one rounding fewer than adding it after
     sums = [[cgutils.alloca_once_value(builder, biases[v]) for v in range(vectors)] for _ in range(rows)]
     with cgutils.for_range(builder, depth) as loop:
         q = loop.index
         b_row = builder.gep(b, [builder.mul(q, ldb)])
-        columns = [builder.load(_vector_at(builder, b_row, _index(v * LANES)), align=4) for v in range(vectors)]
+        columns = [builder.load(_vector_at(builder, b_row, _index(v * lanes), floats), align=4) for v in range(vectors)]
         for r in range(rows):
-            x = _splat(builder, builder.load(builder.gep(a, [builder.add(builder.mul(_index(r), lda), q)])))
+            x = _splat(builder, builder.load(builder.gep(a, [builder.add(builder.mul(_index(r), lda), q)])), lanes)
             for v in range(vectors):
                 builder.store(builder.call(fma, [x, columns[v], builder.load(sums[r][v])]), sums[r][v])
     # ReLU as max(x, floor): floor 0, or -inf (the identity) where relu is 0
-    floor = _splat_float(builder, builder.select(builder.icmp_signed("!=", relu, _index(0)),
-                                                 ir.Constant(_F32, 0.0), ir.Constant(_F32, float("-inf"))))
-    limit = builder.shuffle_vector(
-        builder.insert_element(ir.Constant(_BYTES, ir.Undefined), builder.trunc(threshold, _I8), ir.Constant(_I32, 0)),
-        ir.Constant(_BYTES, ir.Undefined), ir.Constant(_INTS, [0] * LANES))  # threshold <= 255
-    lanes = builder.icmp_unsigned("<", ir.Constant(_INTS, list(range(LANES))),
-                                  _splat_int(builder, builder.trunc(last, _I32)))
+    floor = _splat(builder, builder.select(builder.icmp_signed("!=", relu, _index(0)),
+                                           ir.Constant(_F32, 0.0), ir.Constant(_F32, float("-inf"))), lanes)
+    limit = _splat(builder, builder.trunc(threshold, _I8), lanes)  # threshold <= 255
+    lane_numbers = ir.Constant(ir.VectorType(_I32, lanes), list(range(lanes)))
+    stored = builder.icmp_unsigned("<", lane_numbers, _splat(builder, builder.trunc(last, _I32), lanes))
     store_some = cgutils.get_or_insert_function(
-        builder.module, ir.FunctionType(ir.VoidType(), [_VECTOR, _F32.as_pointer(), _I32, lanes.type]),
-        f"llvm.masked.store.v{LANES}f32.p0")
-    maximum = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VECTOR, [_VECTOR] * 2),
-                                             f"llvm.maxnum.v{LANES}f32")
+        builder.module, ir.FunctionType(ir.VoidType(), [floats, _F32.as_pointer(), _I32, stored.type]),
+        f"llvm.masked.store.v{lanes}f32.p0")
+    maximum = cgutils.get_or_insert_function(builder.module, ir.FunctionType(floats, [floats] * 2),
+                                             f"llvm.maxnum.v{lanes}f32")
     for r in range(rows):
         c_row = builder.gep(c, [builder.mul(_index(r), ldc)])
         mask_row = builder.gep(mask, [builder.mul(_index(r), ldm)])
         for v in range(vectors):
             x = builder.call(maximum, [builder.load(sums[r][v]), floor])
-            keep = builder.bitcast(builder.gep(mask_row, [_index(v * LANES)]), _BYTES.as_pointer())
-            kept = builder.icmp_unsigned(">=", builder.load(keep, align=1), limit)
+            kept = builder.icmp_unsigned(">=", builder.load(_vector_at(builder, mask_row, _index(v * lanes), bytes_),
+                                                            align=1), limit)
             x = builder.select(kept, x, zero)
-            at = builder.gep(c_row, [_index(v * LANES)])
+            at = builder.gep(c_row, [_index(v * lanes)])
             if v < vectors - 1:
-                builder.store(x, builder.bitcast(at, _VECTOR.as_pointer()), align=4)
+                builder.store(x, builder.bitcast(at, floats.as_pointer()), align=4)
             else:  # the last vector: only its first `last` lanes
-                builder.call(store_some, [x, at, ir.Constant(_I32, 4), lanes])
+                builder.call(store_some, [x, at, ir.Constant(_I32, 4), stored])
 
 
-# The tiles _tile compiles in: 4 rows (or 1, for the rows left over) by 3, 2 or 1 vectors.
-_TILES = [(rows, vectors) for rows in (TILE_ROWS, 1) for vectors in range(MOST_VECTORS, 0, -1)]
+@njit(inline="always")
+def _case(lanes, rows, vectors):  # noqa: ANN001, ANN202 (numba)
+    """The number a tile's variant goes by in the jump tables of ``_tile`` and ``_dots``."""
+    return (lanes * 100 + rows) * 100 + vectors
+
+
+# The tiles _tile compiles in: per width, each shape of _SHAPES and its one-row form (rows left over).
+_TILES = [(lanes, rows, vectors) for lanes, shapes in _SHAPES.items()
+          for tile, vectors in shapes for rows in (tile, 1)]
 
 
 @intrinsic
-def _tile(typingctx, rows, vectors, a, lda, b, ldb, c, ldc, depth, last, bias, relu, mask, ldm, threshold):  # noqa: ANN001, ANN202, ARG001
-    """The intrinsic ``_tile(rows, vectors, a, lda, ...)``: the tile of :func:`_emit_tile` for ``rows``
-    and ``vectors`` (one of ``_TILES``; any other does nothing), each variant compiled in once."""
-    signature = types.void(*([types.intp] * 15))
+def _tile(typingctx, case, a, lda, b, ldb, c, ldc, depth, last, bias, relu, mask, ldm, threshold):  # noqa: ANN001, ANN202, ARG001
+    """The intrinsic ``_tile(case, a, lda, ...)``: the tile of :func:`_emit_tile` for the
+    ``_case(lanes, rows, vectors)`` of one of ``_TILES`` (any other does nothing), each compiled
+    in once and picked by a jump table."""
+    signature = types.void(*([types.intp] * 14))
 
     def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202, ARG001
-        rows, vectors, rest = args[0], args[1], list(args[2:])
-        for tile_rows, tile_vectors in _TILES:
-            chosen = builder.and_(builder.icmp_signed("==", rows, _index(tile_rows)),
-                                  builder.icmp_signed("==", vectors, _index(tile_vectors)))
-            with builder.if_then(chosen):
-                _emit_tile(builder, tile_rows, tile_vectors, rest)
+        case, rest = args[0], list(args[1:])
+        done = builder.append_basic_block("tile.done")
+        switch = builder.switch(case, done)
+        for lanes, rows, vectors in _TILES:
+            block = builder.append_basic_block(f"tile.{lanes}.{rows}.{vectors}")
+            switch.add_case(_index(_case.py_func(lanes, rows, vectors)), block)
+            builder.position_at_end(block)
+            _emit_tile(builder, lanes, rows, vectors, rest)
+            builder.branch(done)
+        builder.position_at_end(done)
         return context.get_dummy_value()
 
     return signature, codegen
 
 
-def _dots(rows: int):  # noqa: ANN202 (a numba intrinsic)
-    """The intrinsic ``dots(a, lda, w, c, ldc, depth)`` (addresses and strides in floats):
-    ``C[r] = Σ_q A[r, q] · w[q]``, ``q < depth``, for ``rows`` rows: a vector of partial sums per
-    row over whole vectors of ``q`` (independent chains), summed across its lanes, then the last
-    ``depth % LANES`` terms in order."""
-
-    @intrinsic
-    def dots(typingctx, a, lda, w, c, ldc, depth):  # noqa: ANN001, ANN202, ARG001
-        signature = types.void(*([types.intp] * 6))
-
-        def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202, ARG001
-            a, lda, w, c, ldc, depth = args
-            chunks = builder.udiv(depth, _index(LANES))
-            rest = builder.mul(chunks, _index(LANES))
-            a, w, c = (builder.inttoptr(p, _F32.as_pointer()) for p in (a, w, c))
-            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VECTOR, [_VECTOR] * 3),
-                                                 f"llvm.fma.v{LANES}f32")
-            sums = [cgutils.alloca_once_value(builder, ir.Constant(_VECTOR, [0.0] * LANES)) for _ in range(rows)]
-            with cgutils.for_range(builder, chunks) as loop:
-                q = builder.mul(loop.index, _index(LANES))
-                weights = builder.load(_vector_at(builder, w, q), align=4)
-                for r in range(rows):
-                    x = builder.load(_vector_at(builder, a, builder.add(builder.mul(_index(r), lda), q)), align=4)
-                    builder.store(builder.call(fma, [x, weights, builder.load(sums[r])]), sums[r])
-            for r in range(rows):
-                total = builder.load(sums[r])
-                width = LANES
-                while width > 1:  # halves added pairwise: lanes 0..width/2 hold the partial sums
-                    width //= 2
-                    upper = [i + width if i < width else i for i in range(LANES)]
-                    shifted = builder.shuffle_vector(total, total, ir.Constant(ir.VectorType(ir.IntType(32), LANES), upper))
-                    total = builder.fadd(total, shifted)
-                result = cgutils.alloca_once_value(builder, builder.extract_element(total, ir.Constant(ir.IntType(32), 0)))
-                a_row = builder.gep(a, [builder.mul(_index(r), lda)])
-                with cgutils.for_range_slice(builder, rest, depth, _index(1)) as (q, _):
-                    term = builder.fmul(builder.load(builder.gep(a_row, [q])), builder.load(builder.gep(w, [q])))
-                    builder.store(builder.fadd(builder.load(result), term), result)
-                builder.store(builder.load(result), builder.gep(c, [builder.mul(_index(r), ldc)]))
-            return context.get_dummy_value()
-
-        return signature, codegen
-
-    return dots
+def _emit_dots(builder: ir.IRBuilder, lanes: int, rows: int, args: list[ir.Value]) -> None:
+    """``C[r] = Σ_q A[r, q] · w[q]``, ``q < depth``, for ``rows`` rows of ``(a, lda, w, c, ldc,
+    depth)`` (addresses; strides in floats): a vector of partial sums per row over whole vectors of
+    ``q`` (independent chains), summed across its lanes, then the last ``depth % lanes`` terms in order."""
+    a, lda, w, c, ldc, depth = args
+    floats = ir.VectorType(_F32, lanes)
+    chunks = builder.udiv(depth, _index(lanes))
+    rest = builder.mul(chunks, _index(lanes))
+    a, w, c = (builder.inttoptr(p, _F32.as_pointer()) for p in (a, w, c))
+    fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(floats, [floats] * 3), f"llvm.fma.v{lanes}f32")
+    sums = [cgutils.alloca_once_value(builder, ir.Constant(floats, [0.0] * lanes)) for _ in range(rows)]
+    with cgutils.for_range(builder, chunks) as loop:
+        q = builder.mul(loop.index, _index(lanes))
+        weights = builder.load(_vector_at(builder, w, q, floats), align=4)
+        for r in range(rows):
+            x = builder.load(_vector_at(builder, a, builder.add(builder.mul(_index(r), lda), q), floats), align=4)
+            builder.store(builder.call(fma, [x, weights, builder.load(sums[r])]), sums[r])
+    for r in range(rows):
+        total = builder.load(sums[r])
+        width = lanes
+        while width > 1:  # halves added pairwise: lanes 0..width/2 hold the partial sums
+            width //= 2
+            upper = [i + width if i < width else i for i in range(lanes)]
+            shifted = builder.shuffle_vector(total, total, ir.Constant(ir.VectorType(_I32, lanes), upper))
+            total = builder.fadd(total, shifted)
+        result = cgutils.alloca_once_value(builder, builder.extract_element(total, ir.Constant(_I32, 0)))
+        a_row = builder.gep(a, [builder.mul(_index(r), lda)])
+        with cgutils.for_range_slice(builder, rest, depth, _index(1)) as (q, _):
+            term = builder.fmul(builder.load(builder.gep(a_row, [q])), builder.load(builder.gep(w, [q])))
+            builder.store(builder.fadd(builder.load(result), term), result)
+        builder.store(builder.load(result), builder.gep(c, [builder.mul(_index(r), ldc)]))
 
 
-_DOTS_4, _DOTS_1 = _dots(4), _dots(1)
+_DOT_ROWS = 4
+_DOTS = [(lanes, rows) for lanes in _SHAPES for rows in (_DOT_ROWS, 1)]
 
 
-_WORDS = ir.VectorType(_I64, LANES)
+@intrinsic
+def _dots(typingctx, case, a, lda, w, c, ldc, depth):  # noqa: ANN001, ANN202, ARG001
+    """The intrinsic ``_dots(case, a, lda, w, c, ldc, depth)``: :func:`_emit_dots` for the
+    ``_case(lanes, rows, 1)`` of one of ``_DOTS`` (any other does nothing)."""
+    signature = types.void(*([types.intp] * 7))
+
+    def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202, ARG001
+        case, rest = args[0], list(args[1:])
+        done = builder.append_basic_block("dots.done")
+        switch = builder.switch(case, done)
+        for lanes, rows in _DOTS:
+            block = builder.append_basic_block(f"dots.{lanes}.{rows}")
+            switch.add_case(_index(_case.py_func(lanes, rows, 1)), block)
+            builder.position_at_end(block)
+            _emit_dots(builder, lanes, rows, rest)
+            builder.branch(done)
+        builder.position_at_end(done)
+        return context.get_dummy_value()
+
+    return signature, codegen
+
+
+_WORDS = ir.VectorType(_I64, WORD_STEP)
 
 
 @intrinsic
 def _words_with_byte(typingctx, words, count, pattern, found):  # noqa: ANN001, ANN202, ARG001
     """``n = words_with_byte(words, count, pattern, found)`` (addresses of uint64 and int64 arrays):
-    writes to ``found`` the indices ``i < count - count % LANES``, in order, of the words with a byte
+    writes to ``found`` the indices ``i < count - count % WORD_STEP``, in order, of the words with a byte
     equal to the byte repeated in ``pattern``, and returns how many. Eight words per step, tested at
     once and their indices compressed into ``found`` (one instruction with AVX-512)."""
     signature = types.intp(types.intp, types.intp, types.uint64, types.intp)
@@ -212,23 +239,20 @@ def _words_with_byte(typingctx, words, count, pattern, found):  # noqa: ANN001, 
         words, count, pattern, found = args
         words, found = (builder.inttoptr(p, _I64.as_pointer()) for p in (words, found))
         compress = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(_WORDS, [_WORDS, ir.VectorType(ir.IntType(1), LANES), _WORDS]),
-            f"llvm.experimental.vector.compress.v{LANES}i64")
+            builder.module, ir.FunctionType(_WORDS, [_WORDS, ir.VectorType(ir.IntType(1), WORD_STEP), _WORDS]),
+            f"llvm.experimental.vector.compress.v{WORD_STEP}i64")
         population = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_I8, [_I8]), "llvm.ctpop.i8")
-        sevens = ir.Constant(_WORDS, [0x7F7F7F7F7F7F7F7F] * LANES)
-        first = builder.insert_element(ir.Constant(_WORDS, ir.Undefined), pattern, ir.Constant(_I32, 0))
-        repeated = builder.shuffle_vector(first, ir.Constant(_WORDS, ir.Undefined), ir.Constant(_INTS, [0] * LANES))
-        steps = ir.Constant(_WORDS, list(range(LANES)))
+        sevens = ir.Constant(_WORDS, [0x7F7F7F7F7F7F7F7F] * WORD_STEP)
+        repeated = _splat(builder, pattern, WORD_STEP)
+        steps = ir.Constant(_WORDS, list(range(WORD_STEP)))
         total = cgutils.alloca_once_value(builder, _index(0))
-        with cgutils.for_range(builder, builder.udiv(count, _index(LANES))) as loop:
-            at = builder.mul(loop.index, _index(LANES))
+        with cgutils.for_range(builder, builder.udiv(count, _index(WORD_STEP))) as loop:
+            at = builder.mul(loop.index, _index(WORD_STEP))
             x = builder.xor(builder.load(builder.bitcast(builder.gep(words, [at]), _WORDS.as_pointer()), align=8), repeated)
             # a byte's high bit set in `any` exactly where x has a zero byte
             any_ = builder.or_(builder.or_(builder.add(builder.and_(x, sevens), sevens), x), sevens)
-            hit = builder.icmp_unsigned("!=", any_, ir.Constant(_WORDS, [0xFFFFFFFFFFFFFFFF] * LANES))
-            first_index = builder.insert_element(ir.Constant(_WORDS, ir.Undefined), at, ir.Constant(_I32, 0))
-            indices = builder.add(builder.shuffle_vector(first_index, ir.Constant(_WORDS, ir.Undefined),
-                                                         ir.Constant(_INTS, [0] * LANES)), steps)
+            hit = builder.icmp_unsigned("!=", any_, ir.Constant(_WORDS, [0xFFFFFFFFFFFFFFFF] * WORD_STEP))
+            indices = builder.add(_splat(builder, at, WORD_STEP), steps)
             n = builder.load(total)
             packed = builder.call(compress, [indices, hit, ir.Constant(_WORDS, ir.Undefined)])
             builder.store(packed, builder.bitcast(builder.gep(found, [n]), _WORDS.as_pointer()), align=8)
@@ -253,9 +277,9 @@ def equal_bytes(word, pattern):  # noqa: ANN001, ANN201 (numba)
 @njit(inline="always")
 def words_with_byte(words, count, pattern, found):  # noqa: ANN001, ANN201 (numba)
     """The indices ``i < count`` of the words of ``words`` (uint64) with a byte equal to the byte
-    repeated in ``pattern``, in order, into ``found`` (int64, at least ``count + LANES``: whole
+    repeated in ``pattern``, in order, into ``found`` (int64, at least ``count + WORD_STEP``: whole
     vectors of indices are stored); returns how many."""
-    whole = count - count % LANES
+    whole = count - count % WORD_STEP
     n = _words_with_byte(words.ctypes.data, whole, pattern, found.ctypes.data)
     for i in range(whole, count):
         if equal_bytes(words[i], pattern) != np.uint64(0):
@@ -265,84 +289,114 @@ def words_with_byte(words, count, pattern, found):  # noqa: ANN001, ANN201 (numb
 
 
 @njit(inline="always")
-def padded(columns):  # noqa: ANN001, ANN201 (numba)
+def padded(columns, lanes):  # noqa: ANN001, ANN201 (numba)
     """The columns a :func:`gemm` weight matrix ``B`` needs for ``columns`` outputs: a whole number
-    of vectors."""
-    return (columns + LANES - 1) // LANES * LANES
+    of vectors of ``lanes``."""
+    return (columns + lanes - 1) // lanes * lanes
+
+
+@njit(inline="always")
+def _group(left, most):  # noqa: ANN001, ANN202 (numba)
+    """How many of the ``left`` vectors of columns the next tile takes: ``most``, but never leaving
+    one alone when it can be helped (3 + 2 rather than 4 + 1)."""
+    if left >= most and left != most + 1:
+        return most
+    return min(left, most - 1) if left > 1 else 1
+
+
+@njit(inline="always")
+def _tile_rows(lanes, vectors):  # noqa: ANN001, ANN202 (numba)
+    """The rows of the tile of ``_SHAPES`` for this width and number of vectors."""
+    if lanes == WIDE:
+        for rows, count in _WIDE_SHAPES:
+            if count == vectors:
+                return rows
+    else:
+        for rows, count in _NARROW_SHAPES:
+            if count == vectors:
+                return rows
+    return 1
 
 
 @njit(**_FLAGS)
-def layer(a, b, bias, relu, mask, threshold, c):  # noqa: ANN001, ANN201 (numba)
+def layer(a, b, bias, relu, mask, threshold, c, lanes):  # noqa: ANN001, ANN201 (numba)
     """A Linear and what follows it, into ``c [n, m]`` (float32, C-contiguous):
-    ``c = act(a [n, k] @ b [k, :m] + bias) · (mask >= threshold)``.
+    ``c = act(a [n, k] @ b [k, :m] + bias) · (mask >= threshold)``, in vectors of ``lanes`` (NARROW
+    or WIDE).
 
-    ``b``: the weights with at least :func:`padded` (m) columns (see the module's docstring);
+    ``b``: the weights with at least :func:`padded` (m, lanes) columns (see the module's docstring);
     ``bias``: at least ``m`` floats; ``relu``: nonzero for the ReLU; ``mask``: uint8, unit ``r · m
-    + j`` of the block at byte ``r · m + j``, at least ``n · m + LANES`` bytes (the last vector of
+    + j`` of the block at byte ``r · m + j``, at least ``n · m + lanes`` bytes (the last vector of
     a row is loaded whole), or empty for no mask (``threshold`` is then ignored)."""
     n, k = a.shape
     m = c.shape[1]
-    if c.shape[0] != n or b.shape[0] != k or b.shape[1] < padded(m) or bias.size < m:
-        raise ValueError("layer: shapes do not fit (b needs padded(m) columns, bias m)")
+    if lanes != NARROW and lanes != WIDE:
+        raise ValueError("layer: lanes is NARROW or WIDE")
+    if c.shape[0] != n or b.shape[0] != k or b.shape[1] < padded(m, lanes) or bias.size < m:
+        raise ValueError("layer: shapes do not fit (b needs padded(m, lanes) columns, bias m)")
     ldm = m
     if mask.size == 0:  # every row reads the same bytes, all kept at threshold 0
-        mask, ldm, threshold = np.zeros(padded(m), dtype=np.uint8), 0, 0
-    elif mask.size < n * m + LANES:
-        raise ValueError("layer: the mask needs n * m + LANES bytes")
-    if bias.size < padded(m):  # whole vectors of it are loaded
-        whole = np.zeros(padded(m), dtype=np.float32)
+        mask, ldm, threshold = np.zeros(padded(m, lanes), dtype=np.uint8), 0, 0
+    elif mask.size < n * m + lanes:
+        raise ValueError("layer: the mask needs n * m + lanes bytes")
+    if bias.size < padded(m, lanes):  # whole vectors of it are loaded
+        whole = np.zeros(padded(m, lanes), dtype=np.float32)
         whole[:m] = bias[:m]
         bias = whole
     lda, ldb = k, b.shape[1]
     a0, b0, c0, bias0, mask0 = a.ctypes.data, b.ctypes.data, c.ctypes.data, bias.ctypes.data, mask.ctypes.data
-    vectors = (m + LANES - 1) // LANES
+    vectors = (m + lanes - 1) // lanes
+    most = _WIDE_SHAPES[0][1] if lanes == WIDE else _NARROW_SHAPES[0][1]
     size = 4  # bytes per float
-    r = 0
-    while r < n:
-        rows = TILE_ROWS if r + TILE_ROWS <= n else 1
-        j = 0
-        while j < vectors:
-            left = vectors - j
-            group = MOST_VECTORS if left >= MOST_VECTORS and left != 4 else min(left, 2)  # 4 = 2 + 2, 7 = 3 + 2 + 2
-            last = min(LANES, m - LANES * (j + group - 1))
-            pa, pb, pc = a0 + size * r * lda, b0 + size * LANES * j, c0 + size * (r * m + LANES * j)
-            pbias, pmask = bias0 + size * LANES * j, mask0 + r * ldm + LANES * j
-            _tile(rows, group, pa, lda, pb, ldb, pc, m, k, last, pbias, relu, pmask, ldm, threshold)
-            j += group
-        r += rows
+    j = 0
+    while j < vectors:  # column groups, each over all the rows (a block's rows of a stay in cache)
+        group = _group(vectors - j, most)
+        last = min(lanes, m - lanes * (j + group - 1))
+        tall = _tile_rows(lanes, group)
+        pb, pbias = b0 + size * lanes * j, bias0 + size * lanes * j
+        r = 0
+        while r < n:
+            rows = tall if r + tall <= n else 1
+            pa, pc, pmask = a0 + size * r * lda, c0 + size * (r * m + lanes * j), mask0 + r * ldm + lanes * j
+            _tile(_case(lanes, rows, group), pa, lda, pb, ldb, pc, m, k, last, pbias, relu, pmask, ldm, threshold)
+            r += rows
+        j += group
 
 
 @njit(**_FLAGS)
-def gemm(a, b, c):  # noqa: ANN001, ANN201 (numba)
+def gemm(a, b, c, lanes):  # noqa: ANN001, ANN201 (numba)
     """``c [n, m] = a [n, k] @ b [k, :m]``: :func:`layer` without bias, activation or mask."""
-    layer(a, b, np.zeros(padded(c.shape[1]), dtype=np.float32), 0, np.empty(0, dtype=np.uint8), 0, c)
+    layer(a, b, np.zeros(padded(c.shape[1], lanes), dtype=np.float32), 0, np.empty(0, dtype=np.uint8), 0, c, lanes)
 
 
 @njit(**_FLAGS)
-def dot_rows(a, w, c):  # noqa: ANN001, ANN201 (numba)
+def dot_rows(a, w, c, lanes):  # noqa: ANN001, ANN201 (numba)
     """``c [n, m] = a [n, k] @ w [m, k]ᵀ`` as ``n · m`` dot products (for m <= DOT_OUTPUTS): whole
-    vectors of ``k`` by the ``dots`` tiles, 4 rows at a time, then the last ``k % LANES`` terms."""
+    vectors of ``lanes`` of ``k`` by the ``_dots`` tiles, 4 rows at a time, then the last
+    ``k % lanes`` terms."""
     n, k = a.shape
     m = c.shape[1]
+    if lanes != NARROW and lanes != WIDE:
+        raise ValueError("dot_rows: lanes is NARROW or WIDE")
     if c.shape[0] != n or w.shape[0] != m or w.shape[1] != k:
         raise ValueError("dot_rows: shapes do not fit")
     a0, w0, c0 = a.ctypes.data, w.ctypes.data, c.ctypes.data
     size = 4  # bytes per float
+    tall, single = _case(lanes, _DOT_ROWS, 1), _case(lanes, 1, 1)
     for j in range(m):
         pw = w0 + size * j * k
         r = 0
-        while r + TILE_ROWS <= n:
-            _DOTS_4(a0 + size * r * k, k, pw, c0 + size * (r * m + j), m, k)
-            r += TILE_ROWS
+        while r + _DOT_ROWS <= n:
+            _dots(tall, a0 + size * r * k, k, pw, c0 + size * (r * m + j), m, k)
+            r += _DOT_ROWS
         while r < n:
-            _DOTS_1(a0 + size * r * k, k, pw, c0 + size * (r * m + j), m, k)
+            _dots(single, a0 + size * r * k, k, pw, c0 + size * (r * m + j), m, k)
             r += 1
 
 
-def padded_weights(weight_t: np.ndarray) -> np.ndarray:
-    """``Wᵀ [k, m]`` as :func:`gemm` takes it: ``[k, padded(m)]``, zeros in the extra columns."""
+def padded_weights(weight_t: np.ndarray, lanes: int = LANES) -> np.ndarray:
+    """``Wᵀ [k, m]`` as :func:`gemm` takes it: ``[k, padded(m, lanes)]``, zeros in the extra columns."""
     k, m = weight_t.shape
-    out = np.zeros((k, padded(m)), dtype=np.float32)
+    out = np.zeros((k, padded(m, lanes)), dtype=np.float32)
     out[:, :m] = weight_t
     return out
-

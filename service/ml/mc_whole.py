@@ -58,24 +58,26 @@ def _take(typingctx, counter):  # noqa: ANN001, ANN202, ARG001
     return signature, codegen
 
 
-def layer_weights(weight_t: np.ndarray, last: bool) -> tuple[np.ndarray, bool]:
+def layer_weights(weight_t: np.ndarray, last: bool, lanes: int) -> tuple[np.ndarray, bool]:
     """A Linear's weights as :func:`run_blocks` takes them, from ``Wᵀ [in, out]``, and whether the
     layer runs as dot products: ``W [out, in]`` for a last layer of at most
-    ``mc_simd.DOT_OUTPUTS`` outputs, else ``Wᵀ`` padded for :func:`service.ml.mc_simd.gemm`."""
+    ``mc_simd.DOT_OUTPUTS`` outputs, else ``Wᵀ`` padded for :func:`service.ml.mc_simd.gemm` in
+    vectors of ``lanes``."""
     if last and weight_t.shape[1] <= mc_simd.DOT_OUTPUTS:
         return np.ascontiguousarray(weight_t.T, dtype=np.float32), True
-    return mc_simd.padded_weights(weight_t), False
+    return mc_simd.padded_weights(weight_t, lanes), False
 
 
 @njit(**_FLAGS)
-def run_blocks(prefix, first, layers, weights, biases, keys, out, block, counter, end_block):
+def run_blocks(prefix, first, layers, weights, biases, keys, out, block, counter, end_block, lanes):
     """Blocks of ``block`` rows of the T·B rows into ``out [T·B, n_out]``, taken one at a time from
-    ``counter`` (int64 ``[1]``, shared by the threads of a call) until it reaches ``end_block``.
+    ``counter`` (int64 ``[1]``, shared by the threads of a call) until it reaches ``end_block``;
+    the matmuls in vectors of ``lanes`` (``mc_simd.NARROW`` or ``mc_simd.WIDE``).
 
     ``prefix``: the cached prefix ``[B, width]`` (repeated here as ``tiled_rows`` does); ``first``:
     the first dropout's ``(top, low, threshold, key)``; ``layers``: the int64 table (columns IN ...
     FINISH); ``weights`` and ``biases``: flat float32 arrays it points into — each Linear's weights
-    from :func:`layer_weights` (DOTS says which form), each bias repeated (``tiled_bias``)."""
+    from :func:`layer_weights` for ``lanes`` (DOTS says which form), each bias repeated (``tiled_bias``)."""
     total, n_out = out.shape
     rows, width = prefix.shape
     if rows * width < mc_kernels.RUN_UNITS:  # as mc_kernels.tiled_rows: whole copies, long flat runs
@@ -93,8 +95,8 @@ def run_blocks(prefix, first, layers, weights, biases, keys, out, block, counter
             hidden_size += layers[i, OUT]
     masked = np.empty(block * width, dtype=np.float32)
     hidden = np.empty(max(1, block * hidden_size), dtype=np.float32)
-    # mc_kernels.words_for, and a word more: mc_simd.layer loads whole vectors of mask bytes
-    words = np.empty((block * widest + 7) // 8 + 2, dtype=np.uint64)
+    # mc_kernels.words_for, and a vector's bytes more: mc_simd.layer loads whole vectors of mask bytes
+    words = np.empty((block * widest + 7) // 8 + 1 + (lanes + 7) // 8, dtype=np.uint64)
     no_words = words[:0]
     no_mask = words.view(np.uint8)[:0]
     flat_out = out.reshape(-1)
@@ -117,7 +119,7 @@ def run_blocks(prefix, first, layers, weights, biases, keys, out, block, counter
             else:
                 dst = flat_out[start * n_out : (start + n) * n_out].reshape((n, n_out))
             if layers[i, DOTS]:  # a narrow last layer: its bias and ReLU after
-                mc_simd.dot_rows(h, weights[at : at + m * k].reshape((m, k)), dst)
+                mc_simd.dot_rows(h, weights[at : at + m * k].reshape((m, k)), dst, lanes)
                 if layers[i, FINISH]:
                     relu = mc_kernels.RELU if layers[i, RELU] else mc_kernels.IDENTITY
                     bias_activation_dropout(dst, bias, relu, no_words, 0, keys[0], keys[0], 0, 0, 0)
@@ -128,9 +130,9 @@ def run_blocks(prefix, first, layers, weights, biases, keys, out, block, counter
                     first_byte = mc_kernels.draw(words, start * m, n * m, keys[key], keys[key + 1],
                                                  layers[i, TOP], layers[i, LOW])
                     mask, threshold = words.view(np.uint8)[first_byte:], layers[i, THRESHOLD]
-                stride = mc_simd.padded(m)
+                stride = mc_simd.padded(m, lanes)
                 mc_simd.layer(h, weights[at : at + k * stride].reshape((k, stride)), bias, layers[i, RELU], mask,
-                              threshold, dst)
+                              threshold, dst, lanes)
             h = dst
 
 
@@ -201,7 +203,7 @@ os.register_at_fork(after_in_child=_forget_pool)
 
 
 def run(prefix: np.ndarray, first: np.ndarray, layers: np.ndarray, weights: np.ndarray, biases: np.ndarray,
-        keys: np.ndarray, out: np.ndarray, block: int, threads: int) -> None:
+        keys: np.ndarray, out: np.ndarray, block: int, threads: int, lanes: int) -> None:
     """Fill ``out [T·B, n_out]`` (see :func:`run_blocks`) on up to ``threads`` threads.
 
     The calling thread starts on the blocks at once; the pool's threads join as they wake and take
@@ -211,14 +213,14 @@ def run(prefix: np.ndarray, first: np.ndarray, layers: np.ndarray, weights: np.n
     blocks = -(-out.shape[0] // block)
     counter = np.zeros(1, dtype=np.int64)
     if threads == 1 or blocks == 1:
-        run_blocks(prefix, first, layers, weights, biases, keys, out, block, counter, blocks)
+        run_blocks(prefix, first, layers, weights, biases, keys, out, block, counter, blocks, lanes)
         return
     pool = _pool()
     futures: list[Future[None]] = [
-        pool.submit(run_blocks, prefix, first, layers, weights, biases, keys, out, block, counter, blocks)
+        pool.submit(run_blocks, prefix, first, layers, weights, biases, keys, out, block, counter, blocks, lanes)
         for _ in range(min(threads, blocks) - 1)]
     try:
-        run_blocks(prefix, first, layers, weights, biases, keys, out, block, counter, blocks)
+        run_blocks(prefix, first, layers, weights, biases, keys, out, block, counter, blocks, lanes)
     finally:
         for future in futures:
             if not future.cancel():  # started: it is finishing its last block
@@ -235,8 +237,9 @@ def warm_up() -> None:
     keys = np.ones(2, dtype=np.uint64)
     unseeded = np.frombuffer(keys.tobytes(), dtype=np.uint64)  # read-only, as mc._fused_keys gives them
     for each in (keys, unseeded):
-        run_blocks(prefix, first, layers, np.zeros(3 * mc_simd.padded(2), dtype=np.float32), np.zeros(2, dtype=np.float32), each,
-                   np.empty((2, 2), dtype=np.float32), 2, np.zeros(1, dtype=np.int64), 1)
+        run_blocks(prefix, first, layers, np.zeros(3 * mc_simd.padded(2, mc_simd.LANES), dtype=np.float32),
+                   np.zeros(2, dtype=np.float32), each, np.empty((2, 2), dtype=np.float32), 2,
+                   np.zeros(1, dtype=np.int64), 1, mc_simd.LANES)
 
 
 # run_blocks' machine code holds the kernels it calls: flushed from numba's cache when they change.

@@ -1,5 +1,6 @@
-"""The fused path's matmul kernels (service.ml.mc_simd): every tile shape and tail against float64
-numpy, the fused bias, ReLU and mask, the dot-product layer, and the shapes they refuse."""
+"""The fused path's matmul kernels (service.ml.mc_simd): every tile shape and tail of both vector
+widths against float64 numpy (a width the host lacks still runs, split by LLVM), the fused bias,
+ReLU and mask, the dot-product layer, and the shapes they refuse."""
 
 import numpy as np
 import pytest
@@ -7,6 +8,7 @@ import pytest
 from service.ml import mc_kernels, mc_simd
 
 RNG = np.random.default_rng(0)
+WIDTHS = pytest.mark.parametrize("lanes", [mc_simd.NARROW, mc_simd.WIDE])
 
 
 def _operands(n: int, k: int, m: int) -> tuple[np.ndarray, np.ndarray]:
@@ -18,37 +20,53 @@ def _close(got: np.ndarray, want: np.ndarray) -> None:
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * max(1.0, float(np.abs(want).max())))
 
 
-@pytest.mark.parametrize("n", [1, 3, 4, 5, 9, 64])  # whole tiles of 4 rows, rows left over, both
-@pytest.mark.parametrize("m", [1, 2, 7, 8, 9, 16, 17, 24, 25, 32, 33, 50, 56, 64, 65, 100])  # vector groups, tails
+@WIDTHS
+# vector groups (4 + 3 + 2, 3 + 2 + 2, ...) and tails of both widths
+@pytest.mark.parametrize("m", [1, 2, 7, 8, 9, 15, 16, 17, 24, 25, 32, 33, 49, 50, 56, 64, 65, 81, 100, 145])
 @pytest.mark.parametrize("k", [1, 13, 64])
-def test_gemm_matches_float64(n, k, m):
-    a, w = _operands(n, k, m)
-    c = np.full((n, m), np.nan, dtype=np.float32)
-    mc_simd.gemm(a, mc_simd.padded_weights(w), c)
-    _close(c, a.astype(np.float64) @ w)
+def test_gemm_matches_float64(k, m, lanes):
+    for n in (1, 3, 4, 5, 6, 7, 9, 13, 17, 64):  # whole tiles (4 to 16 rows), rows left over, both
+        a, w = _operands(n, k, m)
+        c = np.full((n, m), np.nan, dtype=np.float32)
+        mc_simd.gemm(a, mc_simd.padded_weights(w, lanes), c, lanes)
+        _close(c, a.astype(np.float64) @ w)
 
 
-def test_gemm_writes_only_its_output():
+@pytest.mark.parametrize("m", [10, 50, 64, 100])
+def test_both_widths_give_the_same_bits(m):
+    # Every output is the same chain of fused multiply-adds over k, whatever the tile: equal bits.
+    a, w = _operands(203, 37, m)
+    results = []
+    for lanes in (mc_simd.NARROW, mc_simd.WIDE):
+        c = np.empty((203, m), dtype=np.float32)
+        mc_simd.gemm(a, mc_simd.padded_weights(w, lanes), c, lanes)
+        results.append(c)
+    assert np.array_equal(results[0], results[1])
+
+
+@WIDTHS
+def test_gemm_writes_only_its_output(lanes):
     # The last vector of a row is stored lane by lane: nothing past m, nor past the last row.
     a, w = _operands(5, 6, 11)
     buffer = np.full(5 * 11 + 40, 7.0, dtype=np.float32)
-    mc_simd.gemm(a, mc_simd.padded_weights(w), buffer[: 5 * 11].reshape(5, 11))
+    mc_simd.gemm(a, mc_simd.padded_weights(w, lanes), buffer[: 5 * 11].reshape(5, 11), lanes)
     assert (buffer[5 * 11 :] == 7.0).all()
     _close(buffer[: 5 * 11].reshape(5, 11), a.astype(np.float64) @ w)
 
 
+@WIDTHS
 @pytest.mark.parametrize("rate", [0.05, 0.5])
 @pytest.mark.parametrize("relu", [0, 1])
-def test_layer_fuses_bias_relu_and_mask(rate, relu):
+def test_layer_fuses_bias_relu_and_mask(rate, relu, lanes):
     n, k, m = 37, 13, 50
     a, w = _operands(n, k, m)
     bias = RNG.standard_normal(m).astype(np.float32)
     top, low, threshold = mc_kernels.mask_parameters(round((1 - rate) * 2**16))
-    words = np.empty(mc_kernels.words_for(n, m) + 1, dtype=np.uint64)
+    words = np.empty(mc_kernels.words_for(n, m) + 2, dtype=np.uint64)
     first = mc_kernels.draw(words, 5 * m, n * m, np.uint64(3), np.uint64(4), top, low)  # rows from 5: mid-word
     mask = words.view(np.uint8)[first:]
     c = np.empty((n, m), dtype=np.float32)
-    mc_simd.layer(a, mc_simd.padded_weights(w), mc_kernels.tiled_bias(bias), relu, mask, threshold, c)
+    mc_simd.layer(a, mc_simd.padded_weights(w, lanes), mc_kernels.tiled_bias(bias), relu, mask, threshold, c, lanes)
     z = a.astype(np.float64) @ w + bias
     if relu:
         z = np.maximum(z, 0.0)
@@ -57,52 +75,73 @@ def test_layer_fuses_bias_relu_and_mask(rate, relu):
     assert 0 < kept.mean() < 1 and (c[~kept] == 0).all()
 
 
-def test_layer_without_a_mask_keeps_every_unit():
+@WIDTHS
+def test_layer_without_a_mask_keeps_every_unit(lanes):
     a, w = _operands(9, 4, 20)
     bias = np.arange(20, dtype=np.float32)
     c = np.empty((9, 20), dtype=np.float32)
-    mc_simd.layer(a, mc_simd.padded_weights(w), bias, 1, np.empty(0, dtype=np.uint8), 255, c)
+    mc_simd.layer(a, mc_simd.padded_weights(w, lanes), bias, 1, np.empty(0, dtype=np.uint8), 255, c, lanes)
     _close(c, np.maximum(a.astype(np.float64) @ w + bias, 0.0))
 
 
-def test_layer_pads_a_short_bias():
+@WIDTHS
+def test_layer_pads_a_short_bias(lanes):
     # A bias of exactly m floats (m not a whole number of vectors) is read through a padded copy.
     a, w = _operands(6, 3, 300)
     bias = RNG.standard_normal(300).astype(np.float32)
     c = np.empty((6, 300), dtype=np.float32)
-    mc_simd.layer(a, mc_simd.padded_weights(w), bias, 0, np.empty(0, dtype=np.uint8), 0, c)
+    mc_simd.layer(a, mc_simd.padded_weights(w, lanes), bias, 0, np.empty(0, dtype=np.uint8), 0, c, lanes)
     _close(c, a.astype(np.float64) @ w + bias)
 
 
-@pytest.mark.parametrize("k", [1, 7, 8, 13, 50, 64, 70])
+@WIDTHS
+@pytest.mark.parametrize("k", [1, 7, 8, 13, 16, 17, 50, 64, 70])
 @pytest.mark.parametrize("m", [1, 2, 4])
 @pytest.mark.parametrize("n", [1, 6, 64])
-def test_dot_rows_matches_float64(n, k, m):
+def test_dot_rows_matches_float64(n, k, m, lanes):
     a, w = _operands(n, k, m)
     c = np.full((n, m), np.nan, dtype=np.float32)
-    mc_simd.dot_rows(a, np.ascontiguousarray(w.T), c)
+    mc_simd.dot_rows(a, np.ascontiguousarray(w.T), c, lanes)
     _close(c, a.astype(np.float64) @ w)
 
 
 def test_shapes_that_do_not_fit_are_refused():
     a, w = _operands(4, 5, 10)
     c = np.empty((4, 10), dtype=np.float32)
+    narrow, wide = mc_simd.NARROW, mc_simd.WIDE
     with pytest.raises(ValueError, match="padded"):
-        mc_simd.gemm(a, w, c)  # 10 columns, not padded(10) = 16
+        mc_simd.gemm(a, w, c, narrow)  # 10 columns, not padded(10, 8) = 16
     with pytest.raises(ValueError, match="padded"):
-        mc_simd.gemm(a[:, :4], mc_simd.padded_weights(w), c)  # k differs
+        mc_simd.gemm(a, mc_simd.padded_weights(w, narrow), np.empty((4, 17), dtype=np.float32), narrow)
+    with pytest.raises(ValueError, match="padded"):
+        mc_simd.gemm(a[:, :4], mc_simd.padded_weights(w, narrow), c, narrow)  # k differs
+    with pytest.raises(ValueError, match="lanes"):
+        mc_simd.gemm(a, mc_simd.padded_weights(w, wide), c, 4)  # no such width
     with pytest.raises(ValueError, match="mask"):
-        mc_simd.layer(a, mc_simd.padded_weights(w), np.zeros(10, dtype=np.float32), 0,
-                      np.zeros(4 * 10, dtype=np.uint8), 1, c)  # no room for the last whole vector
+        mc_simd.layer(a, mc_simd.padded_weights(w, wide), np.zeros(10, dtype=np.float32), 0,
+                      np.zeros(4 * 10 + 8, dtype=np.uint8), 1, c, wide)  # no room for the last whole vector
     with pytest.raises(ValueError, match="do not fit"):
-        mc_simd.dot_rows(a, w, np.empty((4, 1), dtype=np.float32))
+        mc_simd.dot_rows(a, w, np.empty((4, 1), dtype=np.float32), narrow)
+    with pytest.raises(ValueError, match="lanes"):
+        mc_simd.dot_rows(a, np.ones((1, 5), dtype=np.float32), np.empty((4, 1), dtype=np.float32), 32)
 
 
 def test_padding():
-    assert [mc_simd.padded(m) for m in (1, 8, 9, 50, 64)] == [8, 8, 16, 56, 64]
+    assert [mc_simd.padded(m, 8) for m in (1, 8, 9, 50, 64)] == [8, 8, 16, 56, 64]
+    assert [mc_simd.padded(m, 16) for m in (1, 16, 17, 50, 64)] == [16, 16, 32, 64, 64]
     w = np.ones((3, 10), dtype=np.float32)
-    p = mc_simd.padded_weights(w)
+    p = mc_simd.padded_weights(w, 8)
     assert p.shape == (3, 16) and (p[:, :10] == 1).all() and (p[:, 10:] == 0).all()
+    assert mc_simd.padded_weights(w, 16).shape == (3, 16)
+
+
+def test_the_engine_width_follows_the_target():
+    # 16 lanes where numba compiles for AVX-512 (NUMBA_CPU_FEATURES, else the host), else 8
+    from numba import config
+    from numba.core.codegen import get_host_cpu_features
+
+    features = config.CPU_FEATURES if config.CPU_FEATURES is not None else get_host_cpu_features()
+    assert mc_simd.LANES == (mc_simd.WIDE if "+avx512f" in features.split(",") else mc_simd.NARROW)
 
 
 @pytest.mark.parametrize("count", [0, 1, 7, 8, 9, 63, 5000, 5003])
@@ -115,7 +154,7 @@ def test_words_with_a_byte_are_found_in_order(count):
 
     words = RNG.integers(0, 2**64, size=count + 3, dtype=np.uint64)  # words past count are not looked at
     words[count:] = np.uint64(0x0C0C0C0C0C0C0C0C)
-    found = np.full(count + mc_simd.LANES, -1, dtype=np.int64)
+    found = np.full(count + mc_simd.WORD_STEP, -1, dtype=np.int64)
     n = find(words, count, np.uint64(0x0C0C0C0C0C0C0C0C), found)
     expected = np.nonzero((words[:count].view(np.uint8).reshape(-1, 8) == 12).any(axis=1))[0]
     assert n == len(expected) and (found[:n] == expected).all()

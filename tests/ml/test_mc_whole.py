@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from service.ml import mc, mc_whole
+from service.ml import mc, mc_simd, mc_whole
 from service.ml.mc import sample_outputs
 from service.ml.nets import NetworkSpec, build_network
 
@@ -74,6 +74,25 @@ def test_the_whole_call_gives_the_python_loops_samples(name, batch, threads, pyt
         loop = python_loop(lambda: sample_outputs(net, x, 100, seed=11, max_elements=max_elements))
         # The same masks; the matmuls (mc_simd here, torch.mm there) sum in other orders: rounding only.
         torch.testing.assert_close(whole, loop, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(NETS))
+def test_both_vector_widths_give_the_same_samples(name, threads, monkeypatch):
+    # The engine's width (16 lanes with AVX-512) and the other one, on the same net and seed: the
+    # tiles sum in the same order (equal bits); a dot-product last layer sums in other orders.
+    x = torch.randn(64, _n_inputs(NETS[name]()), generator=torch.Generator().manual_seed(3))
+    threads(2)
+    results = {}
+    for lanes in (mc_simd.NARROW, mc_simd.WIDE):
+        monkeypatch.setattr(mc_simd, "LANES", lanes)
+        net = NETS[name]()  # a new net: a new plan, built for this width
+        assert mc._compiled(net).fused.whole.lanes == lanes
+        results[lanes] = sample_outputs(net, x, 100, seed=9)
+    narrow, wide = results.values()
+    if mc._compiled(net).fused.whole.layers[-1, mc_whole.DOTS]:
+        torch.testing.assert_close(narrow, wide, rtol=1e-5, atol=1e-5)
+    else:
+        assert torch.equal(narrow, wide)
 
 
 @pytest.mark.parametrize("name", ["textbook", "three hidden, refined lanes"])
