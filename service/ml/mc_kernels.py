@@ -34,27 +34,14 @@ from numba import njit
 
 from service.ml import mc_simd, numba_cache
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX2 = np.uint64(0x94D049BB133111EB)
-_ONE = np.uint64(1)
 _BYTE = np.uint64(255)
 _LOW_BYTES = np.uint64(0x0101010101010101)
-_HIGH_BIT = np.uint64(0x80)
 
 # Activations the kernel applies itself; others are applied by torch between two kernel calls.
 IDENTITY = 0
 RELU = 1
 
 _FLAGS = dict(nogil=True, fastmath=True, error_model="numpy", cache=True, boundscheck=False)
-
-
-@njit(inline="always")
-def _splitmix64(key, counter):
-    z = key + (counter + _ONE) * _GOLDEN
-    z = (z ^ (z >> np.uint64(30))) * _MIX1
-    z = (z ^ (z >> np.uint64(27))) * _MIX2
-    return z ^ (z >> np.uint64(31))
 
 
 @njit(inline="always")
@@ -69,26 +56,16 @@ def draw(words, first, units, key, key2, top, low):
     if count > words.size:  # the loops run without bounds checks
         raise ValueError("the words buffer is too small: see words_for")
     base = np.uint64(start)
-    for i in range(count):
-        words[i] = _splitmix64(key, base + np.uint64(i))
-    if low == 0:  # the threshold is a multiple of 256: the high byte decides alone
-        return offset
     pattern = np.uint64(top) * _LOW_BYTES
-    found = np.empty(count + mc_simd.WORD_STEP, dtype=np.int64)
-    for t in range(mc_simd.words_with_byte(words, count, pattern, found)):  # ~1 word in 32
+    settle = low != 0  # else the threshold is a multiple of 256: the high byte decides alone
+    found = np.empty(count + mc_simd.WORD_STEP if settle else 0, dtype=np.int64)
+    for t in range(mc_simd.splitmix_words(words, count, key, base, pattern, found)):  # ~1 word in 32
         i = found[t]
         word = words[i]
-        hits = mc_simd.equal_bytes(word, pattern)  # the high bit of each byte equal to top
-        while hits != np.uint64(0):
-            shift = np.uint64(0)
-            while ((hits >> shift) & _HIGH_BIT) == np.uint64(0):
-                shift += np.uint64(8)
-            counter = (base + np.uint64(i)) * np.uint64(8) + (shift >> np.uint64(3))
-            kept = (_splitmix64(key2, counter) & _BYTE) >= np.uint64(low)
-            value = _BYTE if kept else np.uint64(0)
-            word = (word & ~(_BYTE << shift)) | (value << shift)
-            hits &= ~(_HIGH_BIT << shift)
-        words[i] = word
+        # 0xFF in each byte equal to top (equal_bytes gives their high bits), 0 elsewhere
+        equal = (mc_simd.equal_bytes(word, pattern) >> np.uint64(7)) * _BYTE
+        kept = mc_simd.kept_bytes(key2, (base + np.uint64(i)) * np.uint64(8), low)
+        words[i] = (word & ~equal) | (kept & equal)
     return offset
 
 

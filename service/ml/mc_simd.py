@@ -227,38 +227,97 @@ def _dots(typingctx, case, a, lda, w, c, ldc, depth):  # noqa: ANN001, ANN202, A
 _WORDS = ir.VectorType(_I64, WORD_STEP)
 
 
+def _emit_find(builder: ir.IRBuilder, x: ir.Value, at: ir.Value, repeated: ir.Value, found: ir.Value,
+               total: ir.Value) -> None:
+    """For the vector ``x`` of WORD_STEP words at index ``at``: append to ``found`` (int64 pointer)
+    the indices of those with a byte equal to the byte of ``repeated`` (the pattern in every lane),
+    in order, at ``found[*total]``, and add their number to ``*total``. The indices are compressed
+    into place by one instruction with AVX-512 (``llvm.experimental.vector.compress``), a whole
+    vector stored each time (``found`` has WORD_STEP entries to spare)."""
+    compress = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(_WORDS, [_WORDS, ir.VectorType(ir.IntType(1), WORD_STEP), _WORDS]),
+        f"llvm.experimental.vector.compress.v{WORD_STEP}i64")
+    population = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_I8, [_I8]), "llvm.ctpop.i8")
+    sevens = ir.Constant(_WORDS, [0x7F7F7F7F7F7F7F7F] * WORD_STEP)
+    x = builder.xor(x, repeated)
+    # a byte's high bit set in `any` exactly where x has a zero byte
+    any_ = builder.or_(builder.or_(builder.add(builder.and_(x, sevens), sevens), x), sevens)
+    hit = builder.icmp_unsigned("!=", any_, ir.Constant(_WORDS, [0xFFFFFFFFFFFFFFFF] * WORD_STEP))
+    indices = builder.add(_splat(builder, at, WORD_STEP), ir.Constant(_WORDS, list(range(WORD_STEP))))
+    n = builder.load(total)
+    packed = builder.call(compress, [indices, hit, ir.Constant(_WORDS, ir.Undefined)])
+    builder.store(packed, builder.bitcast(builder.gep(found, [n]), _WORDS.as_pointer()), align=8)
+    builder.store(builder.add(n, builder.zext(builder.call(population, [builder.bitcast(hit, _I8)]), _I64)), total)
+
+
+def _splitmix(builder: ir.IRBuilder, z: ir.Value) -> ir.Value:
+    """splitmix64's output mix of ``z`` (``key + (counter + 1) · golden``), lane by lane."""
+    kind = z.type
+
+    def constant(value: int) -> ir.Constant:
+        return ir.Constant(kind, [value] * kind.count)
+
+    z = builder.mul(builder.xor(z, builder.lshr(z, constant(30))), constant(_MIX1))
+    z = builder.mul(builder.xor(z, builder.lshr(z, constant(27))), constant(_MIX2))
+    return builder.xor(z, builder.lshr(z, constant(31)))
+
+
+_GOLDEN, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
+def _counters(builder: ir.IRBuilder, key: ir.Value, first: ir.Value) -> ir.Value:
+    """``key + (first + i + 1) · golden`` for the lanes i < WORD_STEP: splitmix64's state."""
+    counters = builder.add(_splat(builder, first, WORD_STEP), ir.Constant(_WORDS, list(range(1, WORD_STEP + 1))))
+    return builder.add(_splat(builder, key, WORD_STEP), builder.mul(counters, ir.Constant(_WORDS, [_GOLDEN] * WORD_STEP)))
+
+
 @intrinsic
-def _words_with_byte(typingctx, words, count, pattern, found):  # noqa: ANN001, ANN202, ARG001
-    """``n = words_with_byte(words, count, pattern, found)`` (addresses of uint64 and int64 arrays):
-    writes to ``found`` the indices ``i < count - count % WORD_STEP``, in order, of the words with a byte
-    equal to the byte repeated in ``pattern``, and returns how many. Eight words per step, tested at
-    once and their indices compressed into ``found`` (one instruction with AVX-512)."""
-    signature = types.intp(types.intp, types.intp, types.uint64, types.intp)
+def _splitmix_words(typingctx, words, count, key, base, pattern, found):  # noqa: ANN001, ANN202, ARG001
+    """``n = _splitmix_words(words, count, key, base, pattern, found)`` (addresses of a uint64 and
+    an int64 array): ``words[i] = splitmix64(key, base + i)`` for ``i < count - count % WORD_STEP``
+    (the generator of :mod:`service.ml.mc_kernels`), in whole vectors of WORD_STEP words; where
+    ``found`` is not 0, also the indices of the words with a byte equal to the byte repeated in
+    ``pattern`` into it (:func:`_emit_find`), their number returned (else 0). Written out as vector
+    IR because numba's loop vectorizer stops at 256 bits on Intel's AVX-512 parts: 512-bit
+    multiplies drew the words 2.2x as fast there (Emerald Rapids), and the test of each vector
+    costs little while it is in registers."""
+    signature = types.intp(types.intp, types.intp, types.uint64, types.uint64, types.uint64, types.intp)
 
     def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202, ARG001
-        words, count, pattern, found = args
+        words, count, key, base, pattern, found = args
+        searching = builder.icmp_unsigned("!=", found, _index(0))
         words, found = (builder.inttoptr(p, _I64.as_pointer()) for p in (words, found))
-        compress = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(_WORDS, [_WORDS, ir.VectorType(ir.IntType(1), WORD_STEP), _WORDS]),
-            f"llvm.experimental.vector.compress.v{WORD_STEP}i64")
-        population = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_I8, [_I8]), "llvm.ctpop.i8")
-        sevens = ir.Constant(_WORDS, [0x7F7F7F7F7F7F7F7F] * WORD_STEP)
         repeated = _splat(builder, pattern, WORD_STEP)
-        steps = ir.Constant(_WORDS, list(range(WORD_STEP)))
         total = cgutils.alloca_once_value(builder, _index(0))
-        with cgutils.for_range(builder, builder.udiv(count, _index(WORD_STEP))) as loop:
-            at = builder.mul(loop.index, _index(WORD_STEP))
-            x = builder.xor(builder.load(builder.bitcast(builder.gep(words, [at]), _WORDS.as_pointer()), align=8), repeated)
-            # a byte's high bit set in `any` exactly where x has a zero byte
-            any_ = builder.or_(builder.or_(builder.add(builder.and_(x, sevens), sevens), x), sevens)
-            hit = builder.icmp_unsigned("!=", any_, ir.Constant(_WORDS, [0xFFFFFFFFFFFFFFFF] * WORD_STEP))
-            indices = builder.add(_splat(builder, at, WORD_STEP), steps)
-            n = builder.load(total)
-            packed = builder.call(compress, [indices, hit, ir.Constant(_WORDS, ir.Undefined)])
-            builder.store(packed, builder.bitcast(builder.gep(found, [n]), _WORDS.as_pointer()), align=8)
-            hits = builder.zext(builder.call(population, [builder.bitcast(hit, _I8)]), _I64)
-            builder.store(builder.add(n, hits), total)
+        z = cgutils.alloca_once_value(builder, _counters(builder, key, base))
+        step = ir.Constant(_WORDS, [(WORD_STEP * _GOLDEN) % 2**64] * WORD_STEP)
+        with builder.if_else(searching) as (search, plain):
+            for find in (True, False):  # the loop twice, with and without the test
+                with search if find else plain, cgutils.for_range(builder, builder.udiv(count, _index(WORD_STEP))) as loop:
+                    x = builder.load(z)
+                    builder.store(builder.add(x, step), z)
+                    at = builder.mul(loop.index, _index(WORD_STEP))
+                    x = _splitmix(builder, x)
+                    builder.store(x, builder.bitcast(builder.gep(words, [at]), _WORDS.as_pointer()), align=8)
+                    if find:
+                        _emit_find(builder, x, at, repeated, found, total)
         return builder.load(total)
+
+    return signature, codegen
+
+
+@intrinsic
+def kept_bytes(typingctx, key, first, low):  # noqa: ANN001, ANN202, ARG001
+    """``kept_bytes(key, first, low)``: a uint64 whose byte ``b`` (b < 8) is 255 where the low byte
+    of ``splitmix64(key, first + b)`` is >= ``low`` (0 to 255), else 0: the second draw of
+    :func:`service.ml.mc_kernels.draw` for the eight bytes of a word at once, without branches."""
+    signature = types.uint64(types.uint64, types.uint64, types.intp)
+
+    def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202, ARG001
+        key, first, low = args
+        lows = builder.trunc(_splitmix(builder, _counters(builder, key, first)), ir.VectorType(_I8, WORD_STEP))
+        kept = builder.icmp_unsigned(">=", lows, _splat(builder, builder.trunc(low, _I8), WORD_STEP))
+        return builder.bitcast(builder.sext(kept, ir.VectorType(_I8, WORD_STEP)), _I64)
 
     return signature, codegen
 
@@ -275,14 +334,25 @@ def equal_bytes(word, pattern):  # noqa: ANN001, ANN201 (numba)
 
 
 @njit(inline="always")
-def words_with_byte(words, count, pattern, found):  # noqa: ANN001, ANN201 (numba)
-    """The indices ``i < count`` of the words of ``words`` (uint64) with a byte equal to the byte
-    repeated in ``pattern``, in order, into ``found`` (int64, at least ``count + WORD_STEP``: whole
-    vectors of indices are stored); returns how many."""
+def splitmix64(key, counter):  # noqa: ANN001, ANN201 (numba)
+    """splitmix64 (Steele, Lea & Flood 2014) of ``counter`` under ``key`` (uint64)."""
+    z = key + (counter + np.uint64(1)) * np.uint64(_GOLDEN)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(_MIX1)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(_MIX2)
+    return z ^ (z >> np.uint64(31))
+
+
+@njit(inline="always")
+def splitmix_words(words, count, key, base, pattern, found):  # noqa: ANN001, ANN201 (numba)
+    """``words[i] = splitmix64(key, base + i)`` for ``i < count`` (uint64); where ``found`` (int64)
+    is not empty (at least ``count + WORD_STEP`` entries: whole vectors of indices are stored),
+    also the indices of the words with a byte equal to the byte repeated in ``pattern``, in order,
+    into it. Returns how many it found (0 with an empty ``found``)."""
     whole = count - count % WORD_STEP
-    n = _words_with_byte(words.ctypes.data, whole, pattern, found.ctypes.data)
+    n = _splitmix_words(words.ctypes.data, whole, key, base, pattern, found.ctypes.data if found.size else 0)
     for i in range(whole, count):
-        if equal_bytes(words[i], pattern) != np.uint64(0):
+        words[i] = splitmix64(key, base + np.uint64(i))
+        if found.size and equal_bytes(words[i], pattern) != np.uint64(0):
             found[n] = i
             n += 1
     return n

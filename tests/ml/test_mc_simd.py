@@ -144,18 +144,44 @@ def test_the_engine_width_follows_the_target():
     assert mc_simd.LANES == (mc_simd.WIDE if "+avx512f" in features.split(",") else mc_simd.NARROW)
 
 
+def _splitmix64(key: int, counters: np.ndarray) -> np.ndarray:
+    """splitmix64 in numpy (wrapping uint64 arithmetic), the published constants."""
+    with np.errstate(over="ignore"):
+        z = np.uint64(key) + (counters + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
 @pytest.mark.parametrize("count", [0, 1, 7, 8, 9, 63, 5000, 5003])
-def test_words_with_a_byte_are_found_in_order(count):
+@pytest.mark.parametrize("search", [True, False])
+def test_splitmix_words_are_drawn_and_searched_in_order(count, search):
     from numba import njit
 
     @njit
-    def find(words, count, pattern, found):
-        return mc_simd.words_with_byte(words, count, pattern, found)
+    def draw(words, count, key, base, pattern, found):
+        return mc_simd.splitmix_words(words, count, key, base, pattern, found)
 
-    words = RNG.integers(0, 2**64, size=count + 3, dtype=np.uint64)  # words past count are not looked at
-    words[count:] = np.uint64(0x0C0C0C0C0C0C0C0C)
-    found = np.full(count + mc_simd.WORD_STEP, -1, dtype=np.int64)
-    n = find(words, count, np.uint64(0x0C0C0C0C0C0C0C0C), found)
-    expected = np.nonzero((words[:count].view(np.uint8).reshape(-1, 8) == 12).any(axis=1))[0]
+    key, base, byte = 0x1234_5678_9ABC_DEF0, 2**40 + 3, 12
+    words = np.full(count + 3, 7, dtype=np.uint64)  # words past count are left alone
+    found = np.full(count + mc_simd.WORD_STEP if search else 0, -1, dtype=np.int64)
+    n = draw(words, count, np.uint64(key), np.uint64(base), np.uint64(byte * 0x0101010101010101), found)
+    want = _splitmix64(key, np.arange(base, base + count, dtype=np.uint64))
+    assert (words[:count] == want).all() and (words[count:] == 7).all()
+    expected = np.nonzero((want.view(np.uint8).reshape(-1, 8) == byte).any(axis=1))[0] if search else []
     assert n == len(expected) and (found[:n] == expected).all()
-    assert count < 5000 or n > 100  # ~1 word in 32 has the byte
+    assert not search or count < 5000 or n > 100  # ~1 word in 32 has the byte
+
+
+@pytest.mark.parametrize("low", [0, 1, 128, 205, 255])
+def test_kept_bytes_settle_a_words_eight_bytes_at_once(low):
+    from numba import njit
+
+    @njit
+    def kept(key, first, low):
+        return mc_simd.kept_bytes(key, first, low)
+
+    key, first = 99, 8 * 12345
+    got = np.array([kept(np.uint64(key), np.uint64(first), low)], dtype=np.uint64).view(np.uint8)
+    draws = _splitmix64(key, np.arange(first, first + 8, dtype=np.uint64)) & np.uint64(255)
+    assert (got == np.where(draws >= low, 255, 0)).all()
