@@ -249,7 +249,7 @@ class EngineLayersAlone:
         self.input = h
         for row in plan.layers:
             m, at, dots = int(row[mc_whole.OUT]), int(row[mc_whole.WEIGHT]), bool(row[mc_whole.DOTS])
-            shape = (m, k) if dots else (k, mc_simd.padded(m, plan.lanes))
+            shape = (m, mc_simd.padded(k, plan.lanes)) if dots else (k, mc_simd.padded(m, plan.lanes))
             weights = plan.weights[at : at + shape[0] * shape[1]].reshape(shape)
             self.layers.append((dots, weights, np.empty((self.block, m), dtype=np.float32)))
             k = m

@@ -79,17 +79,33 @@ def _vector_at(builder: ir.IRBuilder, base: ir.Value, offset: ir.Value, kind: ir
     return builder.bitcast(builder.gep(base, [offset]), kind.as_pointer())
 
 
-def _emit_tile(builder: ir.IRBuilder, lanes: int, rows: int, vectors: int, args: list[ir.Value]) -> None:
-    """Emit one tile ``(a, lda, b, ldb, c, ldc, depth, last, bias, relu, mask, ldm, threshold)``
-    (addresses; strides in elements): for ``rows`` rows and ``vectors`` vectors of ``lanes`` columns,
+def _sum_lanes(builder: ir.IRBuilder, vector: ir.Value, lanes: int) -> ir.Value:
+    """The sum of a vector's lanes: halves added pairwise (lanes 0..width/2 hold the partial sums)."""
+    width = lanes
+    while width > 1:
+        width //= 2
+        upper = [i + width if i < width else i for i in range(lanes)]
+        vector = builder.fadd(vector, builder.shuffle_vector(vector, vector, ir.Constant(ir.VectorType(_I32, lanes), upper)))
+    return builder.extract_element(vector, ir.Constant(_I32, 0))
+
+
+def _emit_tile(builder: ir.IRBuilder, lanes: int, rows: int, vectors: int, args: list[ir.Value], dot: bool) -> None:
+    """Emit one tile ``(a, lda, b, ldb, c, ldc, depth, last, bias, relu, mask, ldm, threshold, w2,
+    ldw2, outs, out2, ldo, bias2, relu2)`` (addresses; strides in elements): for ``rows`` rows and
+    ``vectors`` vectors of ``lanes`` columns,
 
         ``C[r, j] = act(bias[j] + Σ_q A[r, q] · B[q, j]) · (mask[r · ldm + j] >= threshold)``,
 
     ``act`` the ReLU where ``relu`` is nonzero, else the identity; ``mask`` bytes (0/1 as the
     kernels of :mod:`service.ml.mc_kernels` compare them). The last vector stores only its first
-    ``last`` lanes (1 to lanes); every vector of ``bias`` and ``mask`` is loaded whole."""
-    a, lda, b, ldb, c, ldc, depth, last, bias, relu, mask, ldm, threshold = args
-    a, b, c, bias = (builder.inttoptr(p, _F32.as_pointer()) for p in (a, b, c, bias))
+    ``last`` lanes (1 to lanes); every vector of ``bias`` and ``mask`` is loaded whole.
+
+    With ``dot`` the tile holds whole rows of C and, instead of storing them, computes the next
+    (last, narrow) layer from its registers: ``out2[r, o] = act2(bias2[o] + Σ_j w2[o, j] · C[r, j])``
+    for ``o < outs`` (at most DOT_OUTPUTS), ``w2`` zero past the columns of C: per row and output
+    the products summed across the vectors, then across the lanes (:func:`_sum_lanes`)."""
+    a, lda, b, ldb, c, ldc, depth, last, bias, relu, mask, ldm, threshold, w2, ldw2, outs, out2, ldo, bias2, relu2 = args
+    a, b, c, bias, w2, out2, bias2 = (builder.inttoptr(p, _F32.as_pointer()) for p in (a, b, c, bias, w2, out2, bias2))
     mask = builder.inttoptr(mask, _I8.as_pointer())
     floats, bytes_ = ir.VectorType(_F32, lanes), ir.VectorType(_I8, lanes)
     fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(floats, [floats] * 3), f"llvm.fma.v{lanes}f32")
@@ -105,9 +121,12 @@ def _emit_tile(builder: ir.IRBuilder, lanes: int, rows: int, vectors: int, args:
             x = _splat(builder, builder.load(builder.gep(a, [builder.add(builder.mul(_index(r), lda), q)])), lanes)
             for v in range(vectors):
                 builder.store(builder.call(fma, [x, columns[v], builder.load(sums[r][v])]), sums[r][v])
-    # ReLU as max(x, floor): floor 0, or -inf (the identity) where relu is 0
-    floor = _splat(builder, builder.select(builder.icmp_signed("!=", relu, _index(0)),
-                                           ir.Constant(_F32, 0.0), ir.Constant(_F32, float("-inf"))), lanes)
+
+    def floor_of(flag: ir.Value) -> ir.Value:  # ReLU as max(x, floor): floor 0, or -inf (the identity)
+        return builder.select(builder.icmp_signed("!=", flag, _index(0)),
+                              ir.Constant(_F32, 0.0), ir.Constant(_F32, float("-inf")))
+
+    floor = _splat(builder, floor_of(relu), lanes)
     limit = _splat(builder, builder.trunc(threshold, _I8), lanes)  # threshold <= 255
     lane_numbers = ir.Constant(ir.VectorType(_I32, lanes), list(range(lanes)))
     stored = builder.icmp_unsigned("<", lane_numbers, _splat(builder, builder.trunc(last, _I32), lanes))
@@ -116,48 +135,68 @@ def _emit_tile(builder: ir.IRBuilder, lanes: int, rows: int, vectors: int, args:
         f"llvm.masked.store.v{lanes}f32.p0")
     maximum = cgutils.get_or_insert_function(builder.module, ir.FunctionType(floats, [floats] * 2),
                                              f"llvm.maxnum.v{lanes}f32")
+    scalar_maximum = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32, [_F32] * 2), "llvm.maxnum.f32")
+    floor2 = floor_of(relu2)
     for r in range(rows):
         c_row = builder.gep(c, [builder.mul(_index(r), ldc)])
         mask_row = builder.gep(mask, [builder.mul(_index(r), ldm)])
+        values = []
         for v in range(vectors):
             x = builder.call(maximum, [builder.load(sums[r][v]), floor])
             kept = builder.icmp_unsigned(">=", builder.load(_vector_at(builder, mask_row, _index(v * lanes), bytes_),
                                                             align=1), limit)
             x = builder.select(kept, x, zero)
+            values.append(x)
+            if dot:
+                continue
             at = builder.gep(c_row, [_index(v * lanes)])
             if v < vectors - 1:
                 builder.store(x, builder.bitcast(at, floats.as_pointer()), align=4)
             else:  # the last vector: only its first `last` lanes
                 builder.call(store_some, [x, at, ir.Constant(_I32, 4), stored])
+        if not dot:
+            continue
+        out_row = builder.gep(out2, [builder.mul(_index(r), ldo)])
+        for o in range(DOT_OUTPUTS):
+            with builder.if_then(builder.icmp_signed("<", _index(o), outs)):
+                w_row = builder.gep(w2, [builder.mul(_index(o), ldw2)])
+                products = builder.fmul(values[0], builder.load(_vector_at(builder, w_row, _index(0), floats), align=4))
+                for v in range(1, vectors):
+                    weights = builder.load(_vector_at(builder, w_row, _index(v * lanes), floats), align=4)
+                    products = builder.call(fma, [values[v], weights, products])
+                total = builder.fadd(_sum_lanes(builder, products, lanes), builder.load(builder.gep(bias2, [_index(o)])))
+                builder.store(builder.call(scalar_maximum, [total, floor2]), builder.gep(out_row, [_index(o)]))
 
 
 @njit(inline="always")
-def _case(lanes, rows, vectors):  # noqa: ANN001, ANN202 (numba)
+def _case(lanes, rows, vectors, dot=0):  # noqa: ANN001, ANN202 (numba)
     """The number a tile's variant goes by in the jump tables of ``_tile`` and ``_dots``."""
-    return (lanes * 100 + rows) * 100 + vectors
+    return ((dot * 100 + lanes) * 100 + rows) * 100 + vectors
 
 
-# The tiles _tile compiles in: per width, each shape of _SHAPES and its one-row form (rows left over).
-_TILES = [(lanes, rows, vectors) for lanes, shapes in _SHAPES.items()
+# The tiles _tile compiles in: per width, each shape of _SHAPES and its one-row form (rows left
+# over), storing C; and with the next layer's dot products (dot), for each number of vectors.
+_TILES = [(lanes, rows, vectors, dot) for dot in (0, 1) for lanes, shapes in _SHAPES.items()
           for tile, vectors in shapes for rows in (tile, 1)]
 
 
 @intrinsic
-def _tile(typingctx, case, a, lda, b, ldb, c, ldc, depth, last, bias, relu, mask, ldm, threshold):  # noqa: ANN001, ANN202, ARG001
+def _tile(typingctx, case, a, lda, b, ldb, c, ldc, depth, last, bias, relu, mask, ldm, threshold,  # noqa: ANN001, ANN202, ARG001
+          w2, ldw2, outs, out2, ldo, bias2, relu2):
     """The intrinsic ``_tile(case, a, lda, ...)``: the tile of :func:`_emit_tile` for the
-    ``_case(lanes, rows, vectors)`` of one of ``_TILES`` (any other does nothing), each compiled
-    in once and picked by a jump table."""
-    signature = types.void(*([types.intp] * 14))
+    ``_case(lanes, rows, vectors, dot)`` of one of ``_TILES`` (any other does nothing), each
+    compiled in once and picked by a jump table."""
+    signature = types.void(*([types.intp] * 21))
 
     def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202, ARG001
         case, rest = args[0], list(args[1:])
         done = builder.append_basic_block("tile.done")
         switch = builder.switch(case, done)
-        for lanes, rows, vectors in _TILES:
-            block = builder.append_basic_block(f"tile.{lanes}.{rows}.{vectors}")
-            switch.add_case(_index(_case.py_func(lanes, rows, vectors)), block)
+        for lanes, rows, vectors, dot in _TILES:
+            block = builder.append_basic_block(f"tile.{lanes}.{rows}.{vectors}.{dot}")
+            switch.add_case(_index(_case.py_func(lanes, rows, vectors, dot)), block)
             builder.position_at_end(block)
-            _emit_tile(builder, lanes, rows, vectors, rest)
+            _emit_tile(builder, lanes, rows, vectors, rest, bool(dot))
             builder.branch(done)
         builder.position_at_end(done)
         return context.get_dummy_value()
@@ -183,14 +222,7 @@ def _emit_dots(builder: ir.IRBuilder, lanes: int, rows: int, args: list[ir.Value
             x = builder.load(_vector_at(builder, a, builder.add(builder.mul(_index(r), lda), q), floats), align=4)
             builder.store(builder.call(fma, [x, weights, builder.load(sums[r])]), sums[r])
     for r in range(rows):
-        total = builder.load(sums[r])
-        width = lanes
-        while width > 1:  # halves added pairwise: lanes 0..width/2 hold the partial sums
-            width //= 2
-            upper = [i + width if i < width else i for i in range(lanes)]
-            shifted = builder.shuffle_vector(total, total, ir.Constant(ir.VectorType(_I32, lanes), upper))
-            total = builder.fadd(total, shifted)
-        result = cgutils.alloca_once_value(builder, builder.extract_element(total, ir.Constant(_I32, 0)))
+        result = cgutils.alloca_once_value(builder, _sum_lanes(builder, builder.load(sums[r]), lanes))
         a_row = builder.gep(a, [builder.mul(_index(r), lda)])
         with cgutils.for_range_slice(builder, rest, depth, _index(1)) as (q, _):
             term = builder.fmul(builder.load(builder.gep(a_row, [q])), builder.load(builder.gep(w, [q])))
@@ -428,9 +460,57 @@ def layer(a, b, bias, relu, mask, threshold, c, lanes):  # noqa: ANN001, ANN201 
         while r < n:
             rows = tall if r + tall <= n else 1
             pa, pc, pmask = a0 + size * r * lda, c0 + size * (r * m + lanes * j), mask0 + r * ldm + lanes * j
-            _tile(_case(lanes, rows, group), pa, lda, pb, ldb, pc, m, k, last, pbias, relu, pmask, ldm, threshold)
+            _tile(_case(lanes, rows, group), pa, lda, pb, ldb, pc, m, k, last, pbias, relu, pmask, ldm, threshold,
+                  0, 0, 0, 0, 0, 0, 0)
             r += rows
         j += group
+
+
+@njit(inline="always")
+def fits_one_tile(columns, lanes):  # noqa: ANN001, ANN201 (numba)
+    """Whether a layer of ``columns`` outputs fits one tile's vectors (what :func:`layer_dot` needs)."""
+    return (columns + lanes - 1) // lanes <= (_WIDE_SHAPES[0][1] if lanes == WIDE else _NARROW_SHAPES[0][1])
+
+
+@njit(**_FLAGS)
+def layer_dot(a, b, m, bias, relu, mask, threshold, w2, bias2, relu2, out, lanes):  # noqa: ANN001, ANN201 (numba)
+    """A Linear and what follows it (as :func:`layer`, ``m`` outputs, at most one tile's vectors:
+    :func:`fits_one_tile`), then a narrow last Linear on its outputs straight from the registers:
+    ``out [n, outs] = act2(h @ w2[:, :m]ᵀ + bias2)``, ``h = act(a @ b[:, :m] + bias) · (mask >=
+    threshold)`` never stored. ``w2``: ``[outs, >= padded(m, lanes)]``, zeros past column ``m``;
+    ``outs`` at most DOT_OUTPUTS; ``relu2`` nonzero for a ReLU after it. Each output sums its
+    products across the vectors, then across the lanes: another order than :func:`dot_rows`'s
+    (rounding only)."""
+    n, k = a.shape
+    outs = out.shape[1]
+    if lanes != NARROW and lanes != WIDE:
+        raise ValueError("layer_dot: lanes is NARROW or WIDE")
+    if (not fits_one_tile(m, lanes) or b.shape[0] != k or b.shape[1] < padded(m, lanes) or bias.size < m
+            or out.shape[0] != n or outs > DOT_OUTPUTS or w2.shape[0] != outs or w2.shape[1] < padded(m, lanes)
+            or bias2.size < outs):
+        raise ValueError("layer_dot: shapes do not fit (m in one tile, b and w2 padded(m, lanes) columns)")
+    ldm = m
+    if mask.size == 0:
+        mask, ldm, threshold = np.zeros(padded(m, lanes), dtype=np.uint8), 0, 0
+    elif mask.size < n * m + lanes:
+        raise ValueError("layer_dot: the mask needs n * m + lanes bytes")
+    if bias.size < padded(m, lanes):
+        whole = np.zeros(padded(m, lanes), dtype=np.float32)
+        whole[:m] = bias[:m]
+        bias = whole
+    vectors = (m + lanes - 1) // lanes
+    tall = _tile_rows(lanes, vectors)
+    last = m - lanes * (vectors - 1)
+    lda, ldb, ldw2 = k, b.shape[1], w2.shape[1]
+    a0, b0, bias0, mask0 = a.ctypes.data, b.ctypes.data, bias.ctypes.data, mask.ctypes.data
+    w0, out0, bias20 = w2.ctypes.data, out.ctypes.data, bias2.ctypes.data
+    size = 4  # bytes per float
+    r = 0
+    while r < n:
+        rows = tall if r + tall <= n else 1
+        _tile(_case(lanes, rows, vectors, 1), a0 + size * r * lda, lda, b0, ldb, 0, 0, k, last, bias0, relu,
+              mask0 + r * ldm, ldm, threshold, w0, ldw2, outs, out0 + size * r * outs, outs, bias20, relu2)
+        r += rows
 
 
 @njit(**_FLAGS)
@@ -441,20 +521,20 @@ def gemm(a, b, c, lanes):  # noqa: ANN001, ANN201 (numba)
 
 @njit(**_FLAGS)
 def dot_rows(a, w, c, lanes):  # noqa: ANN001, ANN201 (numba)
-    """``c [n, m] = a [n, k] @ w [m, k]ᵀ`` as ``n · m`` dot products (for m <= DOT_OUTPUTS): whole
-    vectors of ``lanes`` of ``k`` by the ``_dots`` tiles, 4 rows at a time, then the last
-    ``k % lanes`` terms."""
+    """``c [n, m] = a [n, k] @ w [m, :k]ᵀ`` as ``n · m`` dot products (for m <= DOT_OUTPUTS; ``w``
+    may have padding columns past ``k``): whole vectors of ``lanes`` of ``k`` by the ``_dots``
+    tiles, 4 rows at a time, then the last ``k % lanes`` terms."""
     n, k = a.shape
     m = c.shape[1]
     if lanes != NARROW and lanes != WIDE:
         raise ValueError("dot_rows: lanes is NARROW or WIDE")
-    if c.shape[0] != n or w.shape[0] != m or w.shape[1] != k:
+    if c.shape[0] != n or w.shape[0] != m or w.shape[1] < k:
         raise ValueError("dot_rows: shapes do not fit")
     a0, w0, c0 = a.ctypes.data, w.ctypes.data, c.ctypes.data
     size = 4  # bytes per float
     tall, single = _case(lanes, _DOT_ROWS, 1), _case(lanes, 1, 1)
     for j in range(m):
-        pw = w0 + size * j * k
+        pw = w0 + size * j * w.shape[1]
         r = 0
         while r + _DOT_ROWS <= n:
             _dots(tall, a0 + size * r * k, k, pw, c0 + size * (r * m + j), m, k)

@@ -61,10 +61,10 @@ def _take(typingctx, counter):  # noqa: ANN001, ANN202, ARG001
 def layer_weights(weight_t: np.ndarray, last: bool, lanes: int) -> tuple[np.ndarray, bool]:
     """A Linear's weights as :func:`run_blocks` takes them, from ``Wᵀ [in, out]``, and whether the
     layer runs as dot products: ``W [out, in]`` for a last layer of at most
-    ``mc_simd.DOT_OUTPUTS`` outputs, else ``Wᵀ`` padded for :func:`service.ml.mc_simd.gemm` in
-    vectors of ``lanes``."""
-    if last and weight_t.shape[1] <= mc_simd.DOT_OUTPUTS:
-        return np.ascontiguousarray(weight_t.T, dtype=np.float32), True
+    ``mc_simd.DOT_OUTPUTS`` outputs, else ``Wᵀ``, padded to whole vectors of ``lanes`` either way
+    (the columns that :func:`service.ml.mc_simd.gemm` and :func:`service.ml.mc_simd.layer_dot` load)."""
+    if last and weight_t.shape[1] <= mc_simd.DOT_OUTPUTS:  # W's rows padded too, for mc_simd.layer_dot
+        return mc_simd.padded_weights(np.ascontiguousarray(weight_t.T), lanes), True
     return mc_simd.padded_weights(weight_t, lanes), False
 
 
@@ -119,7 +119,8 @@ def run_blocks(prefix, first, layers, weights, biases, keys, out, block, counter
             else:
                 dst = flat_out[start * n_out : (start + n) * n_out].reshape((n, n_out))
             if layers[i, DOTS]:  # a narrow last layer: its bias and ReLU after
-                mc_simd.dot_rows(h, weights[at : at + m * k].reshape((m, k)), dst, lanes)
+                stride = mc_simd.padded(k, lanes)
+                mc_simd.dot_rows(h, weights[at : at + m * stride].reshape((m, stride)), dst, lanes)
                 if layers[i, FINISH]:
                     relu = mc_kernels.RELU if layers[i, RELU] else mc_kernels.IDENTITY
                     bias_activation_dropout(dst, bias, relu, no_words, 0, keys[0], keys[0], 0, 0, 0)
@@ -131,8 +132,18 @@ def run_blocks(prefix, first, layers, weights, biases, keys, out, block, counter
                                                  layers[i, TOP], layers[i, LOW])
                     mask, threshold = words.view(np.uint8)[first_byte:], layers[i, THRESHOLD]
                 stride = mc_simd.padded(m, lanes)
-                mc_simd.layer(h, weights[at : at + k * stride].reshape((k, stride)), bias, layers[i, RELU], mask,
-                              threshold, dst, lanes)
+                weight = weights[at : at + k * stride].reshape((k, stride))
+                j = count - 1
+                if i == j - 1 and layers[j, DOTS] and mc_simd.fits_one_tile(m, lanes):
+                    # the narrow last layer from this layer's tiles, its input never stored
+                    at2, outs = layers[j, WEIGHT], layers[j, OUT]
+                    last_bias = biases[layers[j, BIAS] : layers[j, BIAS] + layers[j, BIAS_SIZE]]
+                    mc_simd.layer_dot(h, weight, m, bias, layers[i, RELU], mask, threshold,
+                                      weights[at2 : at2 + outs * stride].reshape((outs, stride)), last_bias,
+                                      layers[j, RELU], flat_out[start * n_out : (start + n) * n_out].reshape((n, n_out)),
+                                      lanes)
+                    break
+                mc_simd.layer(h, weight, bias, layers[i, RELU], mask, threshold, dst, lanes)
             h = dst
 
 

@@ -105,6 +105,41 @@ def test_dot_rows_matches_float64(n, k, m, lanes):
     _close(c, a.astype(np.float64) @ w)
 
 
+@WIDTHS
+@pytest.mark.parametrize(("n", "k", "m", "outs"), [(800, 13, 50, 1), (37, 13, 50, 3), (9, 5, 7, 4), (100, 20, 64, 2),
+                                                   (13, 3, 24, 1), (1, 1, 1, 1)])
+@pytest.mark.parametrize("relu2", [0, 1])
+def test_layer_dot_computes_the_last_layer_from_the_tiles(n, k, m, outs, relu2, lanes):
+    if not mc_simd.fits_one_tile(m, lanes):
+        pytest.skip(f"{m} outputs take more than one tile of {lanes} lanes")
+    a, w = _operands(n, k, m)
+    bias, w2 = RNG.standard_normal(m).astype(np.float32), RNG.standard_normal((outs, m)).astype(np.float32)
+    bias2 = RNG.standard_normal(outs).astype(np.float32)
+    top, low, threshold = mc_kernels.mask_parameters(round(0.7 * 2**16))
+    words = np.empty(mc_kernels.words_for(n, m) + 2, dtype=np.uint64)
+    first = mc_kernels.draw(words, 3 * m, n * m, np.uint64(5), np.uint64(6), top, low)
+    mask = words.view(np.uint8)[first:]
+    out = np.full((n, outs), np.nan, dtype=np.float32)
+    mc_simd.layer_dot(a, mc_simd.padded_weights(w, lanes), m, mc_kernels.tiled_bias(bias), 1, mask, threshold,
+                      mc_simd.padded_weights(w2, lanes), bias2, relu2, out, lanes)
+    h = np.maximum(a.astype(np.float64) @ w + bias, 0.0) * (mask[: n * m].reshape(n, m) >= threshold)
+    want = h @ w2.T + bias2
+    _close(out, np.maximum(want, 0.0) if relu2 else want)
+
+
+def test_layer_dot_needs_one_tile_and_padded_weights():
+    a, w = _operands(4, 5, 30)
+    out = np.empty((4, 1), dtype=np.float32)
+    with pytest.raises(ValueError, match="one tile"):  # 30 outputs: 4 vectors of 8, one more than a tile
+        mc_simd.layer_dot(a, mc_simd.padded_weights(w, 8), 30, np.zeros(32, dtype=np.float32), 0,
+                          np.empty(0, dtype=np.uint8), 0, np.zeros((1, 32), dtype=np.float32),
+                          np.zeros(1, dtype=np.float32), 0, out, 8)
+    with pytest.raises(ValueError, match="padded"):  # w2 not padded to 32 columns
+        mc_simd.layer_dot(a, mc_simd.padded_weights(w, 16), 30, np.zeros(32, dtype=np.float32), 0,
+                          np.empty(0, dtype=np.uint8), 0, np.zeros((1, 30), dtype=np.float32),
+                          np.zeros(1, dtype=np.float32), 0, out, 16)
+
+
 def test_shapes_that_do_not_fit_are_refused():
     a, w = _operands(4, 5, 10)
     c = np.empty((4, 10), dtype=np.float32)
