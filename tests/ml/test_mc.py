@@ -68,6 +68,17 @@ def test_seeds_reproduce_and_fresh_randomness_without_seed():
     assert torch.equal(numpy_input, sample_outputs(net, x, 20, seed=1))
 
 
+def test_a_seeds_keys_are_its_generators_words_whether_kept_or_not():
+    # The keys of a seed seen before come from a cache: the same words as drawing them afresh.
+    fresh = mc._random_words(6, mc._new_generator(12345, torch.device("cpu")), torch.device("cpu")).numpy()
+    mc._seeded_keys.cache_clear()
+    first, again = mc._fused_keys(6, 12345), mc._fused_keys(6, 12345)
+    assert mc._seeded_keys.cache_info().hits == 1
+    assert (first == fresh.view(np.uint64)).all() and (again == first).all()
+    assert not first.flags.writeable  # shared between calls: nobody may change them
+    assert not (mc._fused_keys(6, 12346) == first).all()
+
+
 def test_global_rng_and_module_modes_untouched():
     net, x = build_network(SPEC, seed=0), inputs()
     state = torch.get_rng_state()
