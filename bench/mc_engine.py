@@ -175,6 +175,13 @@ def engine_block_rows(net: nn.Sequential, batch: int, samples: int, device: torc
     return min(chunk, samples) * batch
 
 
+def mc_simd_lanes() -> int:
+    """The vector width of the whole call's matmuls on this machine (16 with AVX-512, else 8)."""
+    from service.ml import mc_simd
+
+    return mc_simd.LANES
+
+
 def uses_whole_call(net: nn.Sequential) -> bool:
     """Whether the engine runs this net's fused CPU path as one machine-code call (service.ml.mc_whole)."""
     fused = mc._compiled(net).fused
@@ -672,8 +679,10 @@ def run(quick: bool = False, device: str | torch.device = "cpu",
         how = ("the whole call is one numba function (service.ml.mc_whole) that, per block, broadcasts the cached "
                "prefix over the samples and masks it (a kernel of service.ml.mc_kernels), then per Linear draws the "
                "next dropout's mask bytes and runs the register-tiled matmul of service.ml.mc_simd, which adds the "
-               "bias, applies the ReLU and the mask as it stores each tile (a last layer of at most 4 outputs: dot "
-               "products along the rows, then its bias). With more than one thread the calling thread and a pool's "
+               "bias, applies the ReLU and the mask as it stores each tile, in vectors of "
+               f"{mc_simd_lanes()} floats; a last layer of at most 4 outputs is computed from the registers of the "
+               "tiles of the layer before it where that layer fits one tile (the UCI net's 50 units with 16 lanes), "
+               "else as dot products along the rows. With more than one thread the calling thread and a pool's "
                "threads take the blocks one at a time from a shared counter, each running its blocks from end to "
                "end (the caller starts at once; a pool thread that has not woken by the time the blocks run out is "
                "called off), so masks and matmuls scale together and a seed gives the same samples whatever the "
@@ -687,8 +696,10 @@ def run(quick: bool = False, device: str | torch.device = "cpu",
             f"core's cache; {how}.",
             "Layers alone: the net's own Linear layers computed on the engine's blocks with no masks, bias or "
             "activation, by the engine's own kernels (service.ml.mc_simd: gemm on the padded weights, dot_rows "
-            "for a last layer of at most 4 outputs; the prefix Linear once over B rows by torch): at 1 thread the "
-            "ceiling of the engine's arithmetic. torch layers alone: the same Linear layers as torch.mm with out= "
+            "for a last layer of at most 4 outputs, each layer stored; the prefix Linear once over B rows by "
+            "torch): at 1 thread the ceiling of the engine's arithmetic, but for the stores the engine skips "
+            "where it computes the last layer from the tiles before it. torch layers alone: the same Linear "
+            "layers as torch.mm with out= "
             "on the same blocks (MKL, a narrow last layer as W @ hᵀ), as the Python loop over blocks runs them. "
             "The engine left MKL for its own kernels because MKL runs these small shapes far below its square "
             "matmul (packing and dispatch on every call), most of all the UCI net's [·, 13] @ [13, 50] and "

@@ -72,7 +72,8 @@ def _splat(builder: ir.IRBuilder, value: ir.Value, lanes: int) -> ir.Value:
     """``value`` in every lane of a vector of ``lanes``."""
     kind = ir.VectorType(value.type, lanes)
     first = builder.insert_element(ir.Constant(kind, ir.Undefined), value, ir.Constant(_I32, 0))
-    return builder.shuffle_vector(first, ir.Constant(kind, ir.Undefined), ir.Constant(ir.VectorType(_I32, lanes), [0] * lanes))
+    zeros = ir.Constant(ir.VectorType(_I32, lanes), [0] * lanes)
+    return builder.shuffle_vector(first, ir.Constant(kind, ir.Undefined), zeros)
 
 
 def _vector_at(builder: ir.IRBuilder, base: ir.Value, offset: ir.Value, kind: ir.VectorType) -> ir.Value:
@@ -85,7 +86,8 @@ def _sum_lanes(builder: ir.IRBuilder, vector: ir.Value, lanes: int) -> ir.Value:
     while width > 1:
         width //= 2
         upper = [i + width if i < width else i for i in range(lanes)]
-        vector = builder.fadd(vector, builder.shuffle_vector(vector, vector, ir.Constant(ir.VectorType(_I32, lanes), upper)))
+        shifted = builder.shuffle_vector(vector, vector, ir.Constant(ir.VectorType(_I32, lanes), upper))
+        vector = builder.fadd(vector, shifted)
     return builder.extract_element(vector, ir.Constant(_I32, 0))
 
 
@@ -104,7 +106,8 @@ def _emit_tile(builder: ir.IRBuilder, lanes: int, rows: int, vectors: int, args:
     (last, narrow) layer from its registers: ``out2[r, o] = act2(bias2[o] + Σ_j w2[o, j] · C[r, j])``
     for ``o < outs`` (at most DOT_OUTPUTS), ``w2`` zero past the columns of C: per row and output
     the products summed across the vectors, then across the lanes (:func:`_sum_lanes`)."""
-    a, lda, b, ldb, c, ldc, depth, last, bias, relu, mask, ldm, threshold, w2, ldw2, outs, out2, ldo, bias2, relu2 = args
+    a, lda, b, ldb, c, ldc, depth, last, bias, relu, mask, ldm, threshold = args[:13]
+    w2, ldw2, outs, out2, ldo, bias2, relu2 = args[13:]
     a, b, c, bias, w2, out2, bias2 = (builder.inttoptr(p, _F32.as_pointer()) for p in (a, b, c, bias, w2, out2, bias2))
     mask = builder.inttoptr(mask, _I8.as_pointer())
     floats, bytes_ = ir.VectorType(_F32, lanes), ir.VectorType(_I8, lanes)
@@ -135,7 +138,8 @@ def _emit_tile(builder: ir.IRBuilder, lanes: int, rows: int, vectors: int, args:
         f"llvm.masked.store.v{lanes}f32.p0")
     maximum = cgutils.get_or_insert_function(builder.module, ir.FunctionType(floats, [floats] * 2),
                                              f"llvm.maxnum.v{lanes}f32")
-    scalar_maximum = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32, [_F32] * 2), "llvm.maxnum.f32")
+    scalar_maximum = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32, [_F32] * 2),
+                                                    "llvm.maxnum.f32")
     floor2 = floor_of(relu2)
     for r in range(rows):
         c_row = builder.gep(c, [builder.mul(_index(r), ldc)])
@@ -164,7 +168,8 @@ def _emit_tile(builder: ir.IRBuilder, lanes: int, rows: int, vectors: int, args:
                 for v in range(1, vectors):
                     weights = builder.load(_vector_at(builder, w_row, _index(v * lanes), floats), align=4)
                     products = builder.call(fma, [values[v], weights, products])
-                total = builder.fadd(_sum_lanes(builder, products, lanes), builder.load(builder.gep(bias2, [_index(o)])))
+                total = builder.fadd(_sum_lanes(builder, products, lanes),
+                                     builder.load(builder.gep(bias2, [_index(o)])))
                 builder.store(builder.call(scalar_maximum, [total, floor2]), builder.gep(out_row, [_index(o)]))
 
 
@@ -181,8 +186,8 @@ _TILES = [(lanes, rows, vectors, dot) for dot in (0, 1) for lanes, shapes in _SH
 
 
 @intrinsic
-def _tile(typingctx, case, a, lda, b, ldb, c, ldc, depth, last, bias, relu, mask, ldm, threshold,  # noqa: ANN001, ANN202, ARG001
-          w2, ldw2, outs, out2, ldo, bias2, relu2):
+def _tile(typingctx, case, a, lda, b, ldb, c, ldc, depth, last, bias, relu, mask, ldm, threshold,  # noqa: ANN001
+          w2, ldw2, outs, out2, ldo, bias2, relu2):  # noqa: ANN001, ANN202, ARG001
     """The intrinsic ``_tile(case, a, lda, ...)``: the tile of :func:`_emit_tile` for the
     ``_case(lanes, rows, vectors, dot)`` of one of ``_TILES`` (any other does nothing), each
     compiled in once and picked by a jump table."""
@@ -300,7 +305,8 @@ _GOLDEN, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111
 def _counters(builder: ir.IRBuilder, key: ir.Value, first: ir.Value) -> ir.Value:
     """``key + (first + i + 1) · golden`` for the lanes i < WORD_STEP: splitmix64's state."""
     counters = builder.add(_splat(builder, first, WORD_STEP), ir.Constant(_WORDS, list(range(1, WORD_STEP + 1))))
-    return builder.add(_splat(builder, key, WORD_STEP), builder.mul(counters, ir.Constant(_WORDS, [_GOLDEN] * WORD_STEP)))
+    golden = ir.Constant(_WORDS, [_GOLDEN] * WORD_STEP)
+    return builder.add(_splat(builder, key, WORD_STEP), builder.mul(counters, golden))
 
 
 @intrinsic
@@ -323,9 +329,10 @@ def _splitmix_words(typingctx, words, count, key, base, pattern, found):  # noqa
         total = cgutils.alloca_once_value(builder, _index(0))
         z = cgutils.alloca_once_value(builder, _counters(builder, key, base))
         step = ir.Constant(_WORDS, [(WORD_STEP * _GOLDEN) % 2**64] * WORD_STEP)
+        steps = builder.udiv(count, _index(WORD_STEP))
         with builder.if_else(searching) as (search, plain):
             for find in (True, False):  # the loop twice, with and without the test
-                with search if find else plain, cgutils.for_range(builder, builder.udiv(count, _index(WORD_STEP))) as loop:
+                with search if find else plain, cgutils.for_range(builder, steps) as loop:
                     x = builder.load(z)
                     builder.store(builder.add(x, step), z)
                     at = builder.mul(loop.index, _index(WORD_STEP))

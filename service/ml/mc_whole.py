@@ -4,8 +4,11 @@ The per-block loop of :func:`service.ml.mc._run_fused` calls ``torch.mm`` and th
 :mod:`service.ml.mc_kernels` from Python, block after block. :func:`run_blocks` runs that loop in
 machine code: per block of rows the first dropout (the cached prefix broadcast and masked), then per
 Linear the next dropout's mask bytes drawn and a register-tiled matmul (:func:`service.ml.mc_simd.layer`)
-that adds the bias and applies the ReLU and that mask as it stores each tile (a last layer of at
-most 4 outputs: dot products along the rows, then its bias and ReLU). It
+that adds the bias and applies the ReLU and that mask as it stores each tile. A last layer of at
+most 4 outputs is computed from the registers of the tiles of the layer before it where that layer
+fits one tile (:func:`service.ml.mc_simd.layer_dot`: the UCI net's 50 units with 16 lanes), else as
+dot products along the rows, then its bias and ReLU. The matmuls use ``mc_simd.LANES`` (16 floats
+a vector with AVX-512, else 8). It
 holds no GIL, so the rows of a call can be split over threads: in :func:`run` up to
 ``torch.get_num_threads()`` threads (the calling thread and a small pool) take whole blocks one at a
 time from a shared counter until none are left, each running its blocks end to end. With several
@@ -138,10 +141,10 @@ def run_blocks(prefix, first, layers, weights, biases, keys, out, block, counter
                     # the narrow last layer from this layer's tiles, its input never stored
                     at2, outs = layers[j, WEIGHT], layers[j, OUT]
                     last_bias = biases[layers[j, BIAS] : layers[j, BIAS] + layers[j, BIAS_SIZE]]
-                    mc_simd.layer_dot(h, weight, m, bias, layers[i, RELU], mask, threshold,
-                                      weights[at2 : at2 + outs * stride].reshape((outs, stride)), last_bias,
-                                      layers[j, RELU], flat_out[start * n_out : (start + n) * n_out].reshape((n, n_out)),
-                                      lanes)
+                    last_weight = weights[at2 : at2 + outs * stride].reshape((outs, stride))
+                    dst = flat_out[start * n_out : (start + n) * n_out].reshape((n, n_out))
+                    mc_simd.layer_dot(h, weight, m, bias, layers[i, RELU], mask, threshold, last_weight, last_bias,
+                                      layers[j, RELU], dst, lanes)
                     break
                 mc_simd.layer(h, weight, bias, layers[i, RELU], mask, threshold, dst, lanes)
             h = dst
