@@ -105,7 +105,8 @@ def _emit_tile(builder: ir.IRBuilder, lanes: int, rows: int, vectors: int, args:
     With ``dot`` the tile holds whole rows of C and, instead of storing them, computes the next
     (last, narrow) layer from its registers: ``out2[r, o] = act2(bias2[o] + Σ_j w2[o, j] · C[r, j])``
     for ``o < outs`` (at most DOT_OUTPUTS), ``w2`` zero past the columns of C: per row and output
-    the products summed across the vectors, then across the lanes (:func:`_sum_lanes`)."""
+    the products summed across the vectors, then across the lanes, the rows' sums folded together
+    (:func:`_sum_rows`)."""
     a, lda, b, ldb, c, ldc, depth, last, bias, relu, mask, ldm, threshold = args[:13]
     w2, ldw2, outs, out2, ldo, bias2, relu2 = args[13:]
     a, b, c, bias, w2, out2, bias2 = (builder.inttoptr(p, _F32.as_pointer()) for p in (a, b, c, bias, w2, out2, bias2))
@@ -138,9 +139,8 @@ def _emit_tile(builder: ir.IRBuilder, lanes: int, rows: int, vectors: int, args:
         f"llvm.masked.store.v{lanes}f32.p0")
     maximum = cgutils.get_or_insert_function(builder.module, ir.FunctionType(floats, [floats] * 2),
                                              f"llvm.maxnum.v{lanes}f32")
-    scalar_maximum = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32, [_F32] * 2),
-                                                    "llvm.maxnum.f32")
-    floor2 = floor_of(relu2)
+    floor2 = _splat(builder, floor_of(relu2), lanes)
+    rows_values = []  # each row's vectors, after the ReLU and the mask
     for r in range(rows):
         c_row = builder.gep(c, [builder.mul(_index(r), ldc)])
         mask_row = builder.gep(mask, [builder.mul(_index(r), ldm)])
@@ -158,19 +158,49 @@ def _emit_tile(builder: ir.IRBuilder, lanes: int, rows: int, vectors: int, args:
                 builder.store(x, builder.bitcast(at, floats.as_pointer()), align=4)
             else:  # the last vector: only its first `last` lanes
                 builder.call(store_some, [x, at, ir.Constant(_I32, 4), stored])
-        if not dot:
-            continue
-        out_row = builder.gep(out2, [builder.mul(_index(r), ldo)])
-        for o in range(DOT_OUTPUTS):
-            with builder.if_then(builder.icmp_signed("<", _index(o), outs)):
-                w_row = builder.gep(w2, [builder.mul(_index(o), ldw2)])
-                products = builder.fmul(values[0], builder.load(_vector_at(builder, w_row, _index(0), floats), align=4))
+        rows_values.append(values)
+    if not dot:
+        return
+    for o in range(DOT_OUTPUTS):
+        with builder.if_then(builder.icmp_signed("<", _index(o), outs)):
+            w_row = builder.gep(w2, [builder.mul(_index(o), ldw2)])
+            weights = [builder.load(_vector_at(builder, w_row, _index(v * lanes), floats), align=4) for v in range(vectors)]
+            products = []
+            for values in rows_values:
+                total = builder.fmul(values[0], weights[0])
                 for v in range(1, vectors):
-                    weights = builder.load(_vector_at(builder, w_row, _index(v * lanes), floats), align=4)
-                    products = builder.call(fma, [values[v], weights, products])
-                total = builder.fadd(_sum_lanes(builder, products, lanes),
-                                     builder.load(builder.gep(bias2, [_index(o)])))
-                builder.store(builder.call(scalar_maximum, [total, floor2]), builder.gep(out_row, [_index(o)]))
+                    total = builder.call(fma, [values[v], weights[v], total])
+                products.append(total)
+            bias_o = _splat(builder, builder.load(builder.gep(bias2, [_index(o)])), lanes)
+            for total, rows_in in _sum_rows(builder, products, lanes):
+                total = builder.call(maximum, [builder.fadd(total, bias_o), floor2])
+                for lane, r in enumerate(rows_in):
+                    if r is not None:
+                        at = builder.gep(out2, [builder.add(builder.mul(_index(r), ldo), _index(o))])
+                        builder.store(builder.extract_element(total, ir.Constant(_I32, lane)), at)
+
+
+def _sum_rows(builder: ir.IRBuilder, vectors: list[ir.Value], lanes: int) -> list[tuple[ir.Value, list[int | None]]]:
+    """The sums of the lanes of each of ``vectors`` (one per row), several rows to a vector: pairs
+    of vectors are folded into one (each row's halves added, the rows side by side) until each row
+    is one lane. Returns ``(vector, rows)``: lane ``i`` of the vector holds the sum of row
+    ``rows[i]`` (None: a lane that holds no row). Each row's lanes are added in the pairs of
+    :func:`_sum_lanes` (the same sums), with about a third of its shuffles and adds for 6 rows."""
+    groups: list[tuple[ir.Value, list[int | None]]] = [(vector, [r]) for r, vector in enumerate(vectors)]
+    width = lanes  # lanes per row
+    while width > 1:
+        half, folded = width // 2, []
+        for i in range(0, len(groups), 2):
+            a, rows_a = groups[i]
+            b, rows_b = groups[i + 1] if i + 1 < len(groups) else (a, [None] * len(groups[i][1]))
+            count = len(rows_a)  # rows per vector: count · width == lanes
+            low = [side * lanes + t * width + j for side in (0, 1) for t in range(count) for j in range(half)]
+            high = [index + half for index in low]
+            kind = ir.VectorType(_I32, lanes)
+            folded.append((builder.fadd(builder.shuffle_vector(a, b, ir.Constant(kind, low)),
+                                        builder.shuffle_vector(a, b, ir.Constant(kind, high))), rows_a + rows_b))
+        groups, width = folded, half
+    return groups
 
 
 @njit(inline="always")
