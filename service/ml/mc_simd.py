@@ -204,39 +204,44 @@ def _sum_rows(builder: ir.IRBuilder, vectors: list[ir.Value], lanes: int) -> lis
 
 
 @njit(inline="always")
-def _case(lanes, rows, vectors, dot=0):  # noqa: ANN001, ANN202 (numba)
-    """The number a tile's variant goes by in the jump tables of ``_tile`` and ``_dots``."""
-    return ((dot * 100 + lanes) * 100 + rows) * 100 + vectors
+def _case(lanes, rows, vectors):  # noqa: ANN001, ANN202 (numba)
+    """The number a tile's variant goes by in the jump tables of the tiles and ``_dots``."""
+    return (lanes * 100 + rows) * 100 + vectors
 
 
-# The tiles _tile compiles in: per width, each shape of _SHAPES and its one-row form (rows left
-# over), storing C; and with the next layer's dot products (dot), for each number of vectors.
-_TILES = [(lanes, rows, vectors, dot) for dot in (0, 1) for lanes, shapes in _SHAPES.items()
-          for tile, vectors in shapes for rows in (tile, 1)]
+def _tiles(dot: bool):  # noqa: ANN202 (a numba intrinsic)
+    """The intrinsic ``tile(case, a, lda, b, ..., w2, ldw2, outs, out2, ldo, bias2, relu2)``: the
+    tile of :func:`_emit_tile` (with ``dot`` or not) for the ``_case(lanes, rows, vectors)`` of
+    one of the tiles it compiles in (any other does nothing), picked by a jump table: per width,
+    each shape of ``_SHAPES`` and its one-row form (the rows left over)."""
+    tiles = [(lanes, rows, vectors) for lanes, shapes in _SHAPES.items() for tall, vectors in shapes
+             for rows in (tall, 1)]
+
+    @intrinsic
+    def tile(typingctx, case, a, lda, b, ldb, c, ldc, depth, last, bias, relu, mask, ldm, threshold,  # noqa: ANN001
+             w2, ldw2, outs, out2, ldo, bias2, relu2):  # noqa: ANN001, ANN202, ARG001
+        signature = types.void(*([types.intp] * 21))
+
+        def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202, ARG001
+            case, rest = args[0], list(args[1:])
+            done = builder.append_basic_block("tile.done")
+            switch = builder.switch(case, done)
+            for lanes, rows, vectors in tiles:
+                block = builder.append_basic_block(f"tile.{lanes}.{rows}.{vectors}")
+                switch.add_case(_index(_case.py_func(lanes, rows, vectors)), block)
+                builder.position_at_end(block)
+                _emit_tile(builder, lanes, rows, vectors, rest, dot)
+                builder.branch(done)
+            builder.position_at_end(done)
+            return context.get_dummy_value()
+
+        return signature, codegen
+
+    return tile
 
 
-@intrinsic
-def _tile(typingctx, case, a, lda, b, ldb, c, ldc, depth, last, bias, relu, mask, ldm, threshold,  # noqa: ANN001
-          w2, ldw2, outs, out2, ldo, bias2, relu2):  # noqa: ANN001, ANN202, ARG001
-    """The intrinsic ``_tile(case, a, lda, ...)``: the tile of :func:`_emit_tile` for the
-    ``_case(lanes, rows, vectors, dot)`` of one of ``_TILES`` (any other does nothing), each
-    compiled in once and picked by a jump table."""
-    signature = types.void(*([types.intp] * 21))
-
-    def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202, ARG001
-        case, rest = args[0], list(args[1:])
-        done = builder.append_basic_block("tile.done")
-        switch = builder.switch(case, done)
-        for lanes, rows, vectors, dot in _TILES:
-            block = builder.append_basic_block(f"tile.{lanes}.{rows}.{vectors}.{dot}")
-            switch.add_case(_index(_case.py_func(lanes, rows, vectors, dot)), block)
-            builder.position_at_end(block)
-            _emit_tile(builder, lanes, rows, vectors, rest, bool(dot))
-            builder.branch(done)
-        builder.position_at_end(done)
-        return context.get_dummy_value()
-
-    return signature, codegen
+# Each compiled into the kernel that calls it: layer's tiles store C, layer_dot's feed the last layer.
+_TILE, _TILE_DOT = _tiles(dot=False), _tiles(dot=True)
 
 
 def _emit_dots(builder: ir.IRBuilder, lanes: int, rows: int, args: list[ir.Value]) -> None:
@@ -497,7 +502,7 @@ def layer(a, b, bias, relu, mask, threshold, c, lanes):  # noqa: ANN001, ANN201 
         while r < n:
             rows = tall if r + tall <= n else 1
             pa, pc, pmask = a0 + size * r * lda, c0 + size * (r * m + lanes * j), mask0 + r * ldm + lanes * j
-            _tile(_case(lanes, rows, group), pa, lda, pb, ldb, pc, m, k, last, pbias, relu, pmask, ldm, threshold,
+            _TILE(_case(lanes, rows, group), pa, lda, pb, ldb, pc, m, k, last, pbias, relu, pmask, ldm, threshold,
                   0, 0, 0, 0, 0, 0, 0)
             r += rows
         j += group
@@ -545,7 +550,7 @@ def layer_dot(a, b, m, bias, relu, mask, threshold, w2, bias2, relu2, out, lanes
     r = 0
     while r < n:
         rows = tall if r + tall <= n else 1
-        _tile(_case(lanes, rows, vectors, 1), a0 + size * r * lda, lda, b0, ldb, 0, 0, k, last, bias0, relu,
+        _TILE_DOT(_case(lanes, rows, vectors), a0 + size * r * lda, lda, b0, ldb, 0, 0, k, last, bias0, relu,
               mask0 + r * ldm, ldm, threshold, w0, ldw2, outs, out0 + size * r * outs, outs, bias20, relu2)
         r += rows
 
