@@ -14,19 +14,24 @@ the core's L1 cache anyway:
   ``llvm.fma``) through numba intrinsics, compiled for the host's vector unit like the rest of
   numba's code.
 * :func:`dot_rows` computes a layer with at most 4 outputs as dot products along the rows (a
-  vector tile would use at most 4 of its lanes).
+  vector tile would use at most 4 of its lanes); :func:`layer_dot` computes such a last layer
+  straight from the registers of the tiles of the layer before it, where that layer fits one tile.
+* The masks' random words are drawn here too (:func:`splitmix_words`, :func:`kept_bytes`): as
+  512-bit vector code, which numba's loop vectorizer does not emit on Intel's AVX-512 parts.
 
 Two vector widths are compiled in, and every kernel takes the one to use (``lanes``): 16 floats
 (512 bits, AVX-512: 32 vector registers, so tiles of up to 24 accumulators) and 8 floats (256
 bits, AVX2: 16 registers, tiles of up to 12). :data:`LANES` is the one the engine uses: 16 where
 numba compiles for AVX-512, else 8. On an Intel Xeon (Emerald Rapids) 16 lanes ran the engine's
-``[800, 64] @ [64, 64]`` 1.6x as fast as 8 (two 512-bit FMA units); a vector of 16 where the
-target has only 256-bit registers is split in two by LLVM, correct but no faster.
+``[800, 64] @ [64, 64]`` 1.9x as fast as 8 (two 512-bit FMA units: ~150 GFLOP/s on one core); a
+vector of 16 where the target has only 256-bit registers is split in two by LLVM, correct but no
+faster.
 
 The weights come padded: ``B`` has :func:`padded` (m, lanes) columns, so that every vector load
 of a row stays inside it; the lanes past ``m`` are computed and never stored. Sums are
 accumulated in float32 in order over ``k``, one fused multiply-add each, so the results differ
-from a BLAS's by rounding only (relative 1e-7 to 1e-6), and not at all between the two widths.
+from a BLAS's by rounding only (relative 1e-7 to 1e-6), and not at all between the two widths
+(but for the dot products, summed across lanes).
 """
 
 from __future__ import annotations

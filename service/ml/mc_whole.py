@@ -64,10 +64,11 @@ def _take(typingctx, counter):  # noqa: ANN001, ANN202, ARG001
 def layer_weights(weight_t: np.ndarray, last: bool, lanes: int) -> tuple[np.ndarray, bool]:
     """A Linear's weights as :func:`run_blocks` takes them, from ``Wᵀ [in, out]``, and whether the
     layer runs as dot products: ``W [out, in]`` for a last layer of at most
-    ``mc_simd.DOT_OUTPUTS`` outputs, else ``Wᵀ``, padded to whole vectors of ``lanes`` either way
-    (the columns that :func:`service.ml.mc_simd.gemm` and :func:`service.ml.mc_simd.layer_dot` load)."""
-    if last and weight_t.shape[1] <= mc_simd.DOT_OUTPUTS:  # W's rows padded too, for mc_simd.layer_dot
-        return mc_simd.padded_weights(np.ascontiguousarray(weight_t.T), lanes), True
+    ``mc_simd.DOT_OUTPUTS`` outputs, else ``Wᵀ``; their rows padded with zeros to whole vectors of
+    ``lanes`` either way (:func:`service.ml.mc_simd.gemm` and :func:`service.ml.mc_simd.layer_dot`
+    load whole vectors of them)."""
+    if last and weight_t.shape[1] <= mc_simd.DOT_OUTPUTS:
+        return mc_simd.padded_weights(weight_t.T, lanes), True
     return mc_simd.padded_weights(weight_t, lanes), False
 
 
