@@ -679,7 +679,7 @@ def warm_up() -> None:
                         nn.Dropout(0.05), nn.Linear(4, 1))
     sample_outputs(net, torch.zeros(1, 2), 2, seed=0)
     _kernels().warm_up()  # the kernels as the Python loop over blocks calls them (nets with tanh or GELU)
-    _whole().warm_up()  # the whole call with unseeded (read-only) keys too
+    _whole().warm_up()  # the whole call on its own (the net above takes it, with read-only keys too)
 
 
 def sample_outputs_loop(

@@ -243,18 +243,17 @@ def run(prefix: np.ndarray, first: np.ndarray, layers: np.ndarray, weights: np.n
 
 
 def warm_up() -> None:
-    """Compile (or load from numba's cache) :func:`run_blocks`."""
+    """Compile (or load from numba's cache) :func:`run_blocks` for the read-only keys that
+    :func:`service.ml.mc._fused_keys` gives, seeded or not."""
     prefix = np.ones((1, 3), dtype=np.float32)
     top, low, threshold = mc_kernels.mask_parameters(1 << 15)
     first = np.array([top, low, threshold, 0], dtype=np.int64)
     layers = np.zeros((1, COLUMNS), dtype=np.int64)
     layers[0, IN], layers[0, OUT], layers[0, BIAS_SIZE] = 3, 2, 2
-    keys = np.ones(2, dtype=np.uint64)
-    unseeded = np.frombuffer(keys.tobytes(), dtype=np.uint64)  # read-only, as mc._fused_keys gives them
-    for each in (keys, unseeded):
-        run_blocks(prefix, first, layers, np.zeros(3 * mc_simd.padded(2, mc_simd.LANES), dtype=np.float32),
-                   np.zeros(2, dtype=np.float32), each, np.empty((2, 2), dtype=np.float32), 2,
-                   np.zeros(1, dtype=np.int64), 1, mc_simd.LANES)
+    keys = np.frombuffer(np.ones(2, dtype=np.uint64).tobytes(), dtype=np.uint64)  # read-only, as mc._fused_keys
+    run_blocks(prefix, first, layers, np.zeros(3 * mc_simd.padded(2, mc_simd.LANES), dtype=np.float32),
+               np.zeros(2, dtype=np.float32), keys, np.empty((2, 2), dtype=np.float32), 2,
+               np.zeros(1, dtype=np.int64), 1, mc_simd.LANES)
 
 
 # run_blocks' machine code holds the kernels it calls: flushed from numba's cache when they change.
