@@ -63,7 +63,8 @@ def _target_is_avx512() -> bool:
     return "+avx512f" in str(features).split(",")
 
 
-LANES = WIDE if _target_is_avx512() else NARROW  # the width the engine uses
+_AVX512 = _target_is_avx512()
+LANES = WIDE if _AVX512 else NARROW  # the width the engine uses
 
 
 _FLAGS = dict(nogil=True, fastmath=True, error_model="numpy", cache=True, boundscheck=False)
@@ -304,27 +305,35 @@ def _dots(typingctx, case, a, lda, w, c, ldc, depth):  # noqa: ANN001, ANN202, A
 _WORDS = ir.VectorType(_I64, WORD_STEP)
 
 
-def _emit_find(builder: ir.IRBuilder, x: ir.Value, at: ir.Value, repeated: ir.Value, found: ir.Value,
+def _emit_find(builder: ir.IRBuilder, x: ir.Value, indices: ir.Value, repeated: ir.Value, found: ir.Value,
                total: ir.Value) -> None:
-    """For the vector ``x`` of WORD_STEP words at index ``at``: append to ``found`` (int64 pointer)
-    the indices of those with a byte equal to the byte of ``repeated`` (the pattern in every lane),
-    in order, at ``found[*total]``, and add their number to ``*total``. The indices are compressed
-    into place by one instruction with AVX-512 (``llvm.experimental.vector.compress``), a whole
-    vector stored each time (``found`` has WORD_STEP entries to spare)."""
+    """For the vector ``x`` of WORD_STEP words whose indices are ``indices``: append to ``found``
+    (int64 pointer) the indices of those with a byte equal to the byte of ``repeated`` (the pattern
+    in every lane), in order, at ``found[*total]``, and add their number to ``*total``. The bytes
+    are compared all at once; the indices compressed into place by one instruction with AVX-512
+    (``llvm.experimental.vector.compress``), a whole vector stored each time (``found`` has
+    WORD_STEP entries to spare), or one by one elsewhere."""
     compress = cgutils.get_or_insert_function(
         builder.module, ir.FunctionType(_WORDS, [_WORDS, ir.VectorType(ir.IntType(1), WORD_STEP), _WORDS]),
         f"llvm.experimental.vector.compress.v{WORD_STEP}i64")
     population = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_I8, [_I8]), "llvm.ctpop.i8")
-    sevens = ir.Constant(_WORDS, [0x7F7F7F7F7F7F7F7F] * WORD_STEP)
-    x = builder.xor(x, repeated)
-    # a byte's high bit set in `any` exactly where x has a zero byte
-    any_ = builder.or_(builder.or_(builder.add(builder.and_(x, sevens), sevens), x), sevens)
-    hit = builder.icmp_unsigned("!=", any_, ir.Constant(_WORDS, [0xFFFFFFFFFFFFFFFF] * WORD_STEP))
-    indices = builder.add(_splat(builder, at, WORD_STEP), ir.Constant(_WORDS, list(range(WORD_STEP))))
+    byte_vector = ir.VectorType(_I8, 8 * WORD_STEP)
+    equal = builder.icmp_unsigned("==", builder.bitcast(x, byte_vector), builder.bitcast(repeated, byte_vector))
+    # each word's eight byte tests as 0 or 0xFF bytes: the word has one where it is not 0
+    flags = builder.bitcast(builder.sext(equal, byte_vector), _WORDS)
+    hit = builder.icmp_unsigned("!=", flags, ir.Constant(_WORDS, [0] * WORD_STEP))
     n = builder.load(total)
-    packed = builder.call(compress, [indices, hit, ir.Constant(_WORDS, ir.Undefined)])
-    builder.store(packed, builder.bitcast(builder.gep(found, [n]), _WORDS.as_pointer()), align=8)
-    builder.store(builder.add(n, builder.zext(builder.call(population, [builder.bitcast(hit, _I8)]), _I64)), total)
+    if _AVX512:
+        packed = builder.call(compress, [indices, hit, ir.Constant(_WORDS, ir.Undefined)])
+        builder.store(packed, builder.bitcast(builder.gep(found, [n]), _WORDS.as_pointer()), align=8)
+        builder.store(builder.add(n, builder.zext(builder.call(population, [builder.bitcast(hit, _I8)]), _I64)), total)
+        return
+    # without AVX-512 a compress is a long emulated sequence: every index is written, and the
+    # next one goes past it only where it was a hit (no branches)
+    for lane in range(WORD_STEP):
+        builder.store(builder.extract_element(indices, ir.Constant(_I32, lane)), builder.gep(found, [n]))
+        n = builder.add(n, builder.zext(builder.extract_element(hit, ir.Constant(_I32, lane)), _I64))
+    builder.store(n, total)
 
 
 def _splitmix(builder: ir.IRBuilder, z: ir.Value) -> ir.Value:
@@ -369,6 +378,7 @@ def _splitmix_words(typingctx, words, count, key, base, pattern, found):  # noqa
         total = cgutils.alloca_once_value(builder, _index(0))
         z = cgutils.alloca_once_value(builder, _counters(builder, key, base))
         step = ir.Constant(_WORDS, [(WORD_STEP * _GOLDEN) % 2**64] * WORD_STEP)
+        indices = cgutils.alloca_once_value(builder, ir.Constant(_WORDS, list(range(WORD_STEP))))
         steps = builder.udiv(count, _index(WORD_STEP))
         with builder.if_else(searching) as (search, plain):
             for find in (True, False):  # the loop twice, with and without the test
@@ -379,7 +389,9 @@ def _splitmix_words(typingctx, words, count, key, base, pattern, found):  # noqa
                     x = _splitmix(builder, x)
                     builder.store(x, builder.bitcast(builder.gep(words, [at]), _WORDS.as_pointer()), align=8)
                     if find:
-                        _emit_find(builder, x, at, repeated, found, total)
+                        here = builder.load(indices)
+                        builder.store(builder.add(here, ir.Constant(_WORDS, [WORD_STEP] * WORD_STEP)), indices)
+                        _emit_find(builder, x, here, repeated, found, total)
         return builder.load(total)
 
     return signature, codegen

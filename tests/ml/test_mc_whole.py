@@ -3,8 +3,13 @@ Python loop over blocks, whatever the threads, the block size or the caller (thr
 child)."""
 
 import multiprocessing
+import os
+import platform
+import subprocess
+import sys
 import threading
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -230,3 +235,38 @@ def test_mkls_threads_on_the_calling_thread_are_restored(threads):
         set_local(local)
         sample_outputs(net, x, 100, seed=1)
         assert set_local(0) == local
+
+
+AVX2_FEATURES = ("+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+f16c,+fma,+fxsr,+lzcnt,+mmx,+movbe,+pclmul,+popcnt,"
+                 "+sahf,+sse,+sse2,+sse3,+sse4.1,+sse4.2,+ssse3,+xsave")
+AVX2_CHILD = """
+import sys
+import numpy as np, torch
+from service.ml import mc_simd
+from service.ml.mc import sample_outputs
+from service.ml.nets import NetworkSpec, build_network
+assert mc_simd.LANES == mc_simd.NARROW, mc_simd.LANES
+torch.set_num_threads(1)
+for name, spec in (("uci", NetworkSpec(13, 1, (50,), (0.05,), input_dropout=0.05)),
+                   ("three", NetworkSpec(7, 3, (33, 17, 9), (0.1, 0.3, 0.2), input_dropout=0.2))):
+    x = torch.randn(64, spec.n_inputs, generator=torch.Generator().manual_seed(3))
+    np.save(f"{sys.argv[1]}/{name}.npy", sample_outputs(build_network(spec, seed=0), x, 100, seed=9).numpy())
+"""
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="AVX2 is an x86-64 feature set")
+def test_an_avx2_target_gives_the_same_samples(tmp_path, threads):
+    # The engine as numba compiles it for a CPU without AVX-512 (8-lane tiles, the masks' search
+    # without a compress instruction), run on this one: the same samples as here, but for the
+    # last layer's sums across lanes (rounding).
+    env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES=AVX2_FEATURES,
+               NUMBA_CACHE_DIR=str(tmp_path / "numba"))
+    done = subprocess.run([sys.executable, "-c", AVX2_CHILD, str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    threads(1)
+    for name, spec in (("uci", NetworkSpec(13, 1, (50,), (0.05,), input_dropout=0.05)),
+                       ("three", NetworkSpec(7, 3, (33, 17, 9), (0.1, 0.3, 0.2), input_dropout=0.2))):
+        x = torch.randn(64, spec.n_inputs, generator=torch.Generator().manual_seed(3))
+        here = sample_outputs(build_network(spec, seed=0), x, 100, seed=9)
+        torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / f"{name}.npy")), here, rtol=1e-5, atol=1e-5)
