@@ -91,11 +91,15 @@ def run_blocks(prefix, first, layers, weights, biases, keys, out, block, counter
             tiled[r] = prefix[r % rows]
         prefix = tiled
     count = layers.shape[0]
+    # the narrow last layer from the tiles of the layer before it (mc_simd.layer_dot), whose
+    # outputs are then never stored
+    fuse_last = count >= 2 and layers[count - 1, DOTS] != 0 and mc_simd.fits_one_tile(layers[count - 2, OUT], lanes)
+    stored = count - 2 if fuse_last else count - 1  # the hidden layers whose outputs are stored
     widest = width
     hidden_size = 0
     for i in range(count):
         widest = max(widest, layers[i, OUT])
-        if i < count - 1:
+        if i < stored:
             hidden_size += layers[i, OUT]
     masked = np.empty(block * width, dtype=np.float32)
     hidden = np.empty(max(1, block * hidden_size), dtype=np.float32)
@@ -117,10 +121,10 @@ def run_blocks(prefix, first, layers, weights, biases, keys, out, block, counter
             k, m = layers[i, IN], layers[i, OUT]
             bias = biases[layers[i, BIAS] : layers[i, BIAS] + layers[i, BIAS_SIZE]]
             at = layers[i, WEIGHT]
-            if i < count - 1:
+            if i < stored:
                 dst = hidden[offset : offset + n * m].reshape((n, m))
                 offset += n * m
-            else:
+            else:  # the last layer, or the one before it that computes it (fuse_last)
                 dst = flat_out[start * n_out : (start + n) * n_out].reshape((n, n_out))
             if layers[i, DOTS]:  # a narrow last layer: its bias and ReLU after
                 stride = mc_simd.padded(k, lanes)
@@ -137,13 +141,11 @@ def run_blocks(prefix, first, layers, weights, biases, keys, out, block, counter
                     mask, threshold = words.view(np.uint8)[first_byte:], layers[i, THRESHOLD]
                 stride = mc_simd.padded(m, lanes)
                 weight = weights[at : at + k * stride].reshape((k, stride))
-                j = count - 1
-                if i == j - 1 and layers[j, DOTS] and mc_simd.fits_one_tile(m, lanes):
-                    # the narrow last layer from this layer's tiles, its input never stored
+                if fuse_last and i == count - 2:  # the last layer from this layer's tiles
+                    j = count - 1
                     at2, outs = layers[j, WEIGHT], layers[j, OUT]
                     last_bias = biases[layers[j, BIAS] : layers[j, BIAS] + layers[j, BIAS_SIZE]]
                     last_weight = weights[at2 : at2 + outs * stride].reshape((outs, stride))
-                    dst = flat_out[start * n_out : (start + n) * n_out].reshape((n, n_out))
                     mc_simd.layer_dot(h, weight, m, bias, layers[i, RELU], mask, threshold, last_weight, last_bias,
                                       layers[j, RELU], dst, lanes)
                     break

@@ -173,12 +173,14 @@ def test_padding():
 
 
 def test_the_engine_width_follows_the_target():
-    # 16 lanes where numba compiles for AVX-512 (NUMBA_CPU_FEATURES, else the host), else 8
-    from numba import config
-    from numba.core.codegen import get_host_cpu_features
+    # 16 lanes where numba compiles for AVX-512 (an AVX2 target gets 8: the child process of
+    # tests/ml/test_mc_whole.py::test_an_avx2_target_gives_the_same_samples), and the plans use it
+    from service.ml import mc
+    from service.ml.nets import NetworkSpec, build_network
 
-    features = config.CPU_FEATURES if config.CPU_FEATURES is not None else get_host_cpu_features()
-    assert mc_simd.LANES == (mc_simd.WIDE if "+avx512f" in features.split(",") else mc_simd.NARROW)
+    assert mc_simd.LANES == (mc_simd.WIDE if mc_simd._target_is_avx512() else mc_simd.NARROW)
+    net = build_network(NetworkSpec(13, 1, (50,), (0.05,)), seed=0)
+    assert mc._compiled(net).fused.whole.lanes == mc_simd.LANES
 
 
 def _splitmix64(key: int, counters: np.ndarray) -> np.ndarray:
