@@ -681,7 +681,7 @@ def run(quick: bool = False, device: str | torch.device = "cpu",
                "next dropout's mask bytes and runs the register-tiled matmul of service.ml.mc_simd, which adds the "
                "bias, applies the ReLU and the mask as it stores each tile, in vectors of "
                f"{mc_simd_lanes()} floats; a last layer of at most 4 outputs is computed from the registers of the "
-               "tiles of the layer before it where that layer fits one tile (the UCI net's 50 units with 16 lanes), "
+               "tiles of the layer before it where that layer fits one tile (up to 64 units with 16 lanes, 56 with 8: the UCI net's 50 either way), "
                "else as dot products along the rows. With more than one thread the calling thread and a pool's "
                "threads take the blocks one at a time from a shared counter, each running its blocks from end to "
                "end (the caller starts at once; a pool thread that has not woken by the time the blocks run out is "

@@ -15,7 +15,9 @@ the core's L1 cache anyway:
   numba's code.
 * :func:`dot_rows` computes a layer with at most 4 outputs as dot products along the rows (a
   vector tile would use at most 4 of its lanes); :func:`layer_dot` computes such a last layer
-  straight from the registers of the tiles of the layer before it, where that layer fits one tile.
+  straight from the registers of the tiles of the layer before it, where that layer fits one tile
+  (with 8 lanes, tiles of 2 rows by up to 7 vectors: the layer's columns reloaded per row, each
+  load folded into its FMA, so that 14 accumulators fit AVX2's 16 registers).
 * The masks' random words are drawn here too (:func:`splitmix_words`, :func:`kept_bytes`): as
   512-bit vector code, which numba's loop vectorizer does not emit on Intel's AVX-512 parts.
 
@@ -36,6 +38,7 @@ from a BLAS's by rounding only (relative 1e-7 to 1e-6), and not at all between t
 
 from __future__ import annotations
 
+import llvmlite.binding
 import numpy as np
 from llvmlite import ir
 from numba import config, njit, types
@@ -53,6 +56,11 @@ WORD_STEP = 8  # words_with_byte tests this many uint64 words at a time (512 bit
 _WIDE_SHAPES = ((6, 4), (8, 3), (12, 2), (16, 1))
 _NARROW_SHAPES = ((4, 3), (4, 2), (12, 1))
 _SHAPES = {WIDE: _WIDE_SHAPES, NARROW: _NARROW_SHAPES}
+# layer_dot's tiles hold whole rows of the layer. With 8 lanes also 4 to 7 vectors (up to 56
+# columns, the UCI net's 50 units) in tiles of 2 rows: up to 14 accumulators, the columns' loads
+# folded into the FMAs as memory operands, rather than storing the layer and going over it again.
+_NARROW_DOT_SHAPES = _NARROW_SHAPES + ((2, 4), (2, 5), (2, 6), (2, 7))
+_DOT_SHAPES = {WIDE: _WIDE_SHAPES, NARROW: _NARROW_DOT_SHAPES}
 _F32 = ir.FloatType()
 _I8, _I32, _I64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
 
@@ -65,6 +73,9 @@ def _target_is_avx512() -> bool:
 
 _AVX512 = _target_is_avx512()
 LANES = WIDE if _AVX512 else NARROW  # the width the engine uses
+_REGISTERS = 32 if _AVX512 else 16
+# the tiles' empty inline asm (see _emit_tile) goes through LLVM's assembler, which numba leaves out
+llvmlite.binding.initialize_native_asmparser()
 
 
 _FLAGS = dict(nogil=True, fastmath=True, error_model="numpy", cache=True, boundscheck=False)
@@ -117,18 +128,28 @@ def _emit_tile(builder: ir.IRBuilder, lanes: int, rows: int, vectors: int, args:
     w2, ldw2, outs, out2, ldo, bias2, relu2 = args[13:]
     a, b, c, bias, w2, out2, bias2 = (builder.inttoptr(p, _F32.as_pointer()) for p in (a, b, c, bias, w2, out2, bias2))
     mask = builder.inttoptr(mask, _I8.as_pointer())
-    floats, bytes_ = ir.VectorType(_F32, lanes), ir.VectorType(_I8, lanes)
+    floats = ir.VectorType(_F32, lanes)
     fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(floats, [floats] * 3), f"llvm.fma.v{lanes}f32")
     zero = ir.Constant(floats, [0.0] * lanes)
     biases = [builder.load(_vector_at(builder, bias, _index(v * lanes), floats), align=4) for v in range(vectors)]
     # the sums start at the bias: bias + Σ_q, one rounding fewer than adding it after
     sums = [[cgutils.alloca_once_value(builder, biases[v]) for v in range(vectors)] for _ in range(rows)]
+    # Where the accumulators, the columns and a broadcast do not all fit the vector registers, each
+    # row loads the columns again (through a pointer LLVM cannot see is the same, so that it folds
+    # each load into its FMA instead of keeping the columns and spilling them to the stack).
+    shared = rows * vectors + vectors + 1 <= _REGISTERS
     with cgutils.for_range(builder, depth) as loop:
         q = loop.index
         b_row = builder.gep(b, [builder.mul(q, ldb)])
-        columns = [builder.load(_vector_at(builder, b_row, _index(v * lanes), floats), align=4) for v in range(vectors)]
+        columns = [builder.load(_vector_at(builder, b_row, _index(v * lanes), floats), align=4)
+                   for v in range(vectors)] if shared else []
         for r in range(rows):
             x = _splat(builder, builder.load(builder.gep(a, [builder.add(builder.mul(_index(r), lda), q)])), lanes)
+            if not shared:
+                row_b = b_row if r == 0 else builder.asm(ir.FunctionType(b_row.type, [b_row.type]), f"# row {r}",
+                                                         "=r,0", [b_row], False)
+                columns = [builder.load(_vector_at(builder, row_b, _index(v * lanes), floats), align=4)
+                           for v in range(vectors)]
             for v in range(vectors):
                 builder.store(builder.call(fma, [x, columns[v], builder.load(sums[r][v])]), sums[r][v])
 
@@ -136,26 +157,28 @@ def _emit_tile(builder: ir.IRBuilder, lanes: int, rows: int, vectors: int, args:
         return builder.select(builder.icmp_signed("!=", flag, _index(0)),
                               ir.Constant(_F32, 0.0), ir.Constant(_F32, float("-inf")))
 
+    def at_least(x: ir.Value, floor: ir.Value) -> ir.Value:  # max(x, floor): one vmaxps
+        return builder.select(builder.fcmp_ordered(">", x, floor), x, floor)
+
     floor = _splat(builder, floor_of(relu), lanes)
-    limit = _splat(builder, builder.trunc(threshold, _I8), lanes)  # threshold <= 255
+    kept_of = _kept_test(builder, threshold, lanes)
     lane_numbers = ir.Constant(ir.VectorType(_I32, lanes), list(range(lanes)))
     stored = builder.icmp_unsigned("<", lane_numbers, _splat(builder, builder.trunc(last, _I32), lanes))
     store_some = cgutils.get_or_insert_function(
         builder.module, ir.FunctionType(ir.VoidType(), [floats, _F32.as_pointer(), _I32, stored.type]),
         f"llvm.masked.store.v{lanes}f32.p0")
-    maximum = cgutils.get_or_insert_function(builder.module, ir.FunctionType(floats, [floats] * 2),
-                                             f"llvm.maxnum.v{lanes}f32")
     floor2 = _splat(builder, floor_of(relu2), lanes)
-    rows_values = []  # each row's vectors, after the ReLU and the mask
+    # with dot: per output, each row's products summed over its vectors (filled row by row, so
+    # that only one row's values are live at a time)
+    products = [[cgutils.alloca_once_value(builder, zero) for _ in range(rows)] for _ in range(DOT_OUTPUTS)] if dot else []
+    weights = []
     for r in range(rows):
         c_row = builder.gep(c, [builder.mul(_index(r), ldc)])
         mask_row = builder.gep(mask, [builder.mul(_index(r), ldm)])
         values = []
         for v in range(vectors):
-            x = builder.call(maximum, [builder.load(sums[r][v]), floor])
-            kept = builder.icmp_unsigned(">=", builder.load(_vector_at(builder, mask_row, _index(v * lanes), bytes_),
-                                                            align=1), limit)
-            x = builder.select(kept, x, zero)
+            x = builder.select(kept_of(builder.gep(mask_row, [_index(v * lanes)])),
+                               at_least(builder.load(sums[r][v]), floor), zero)
             values.append(x)
             if dot:
                 continue
@@ -164,26 +187,39 @@ def _emit_tile(builder: ir.IRBuilder, lanes: int, rows: int, vectors: int, args:
                 builder.store(x, builder.bitcast(at, floats.as_pointer()), align=4)
             else:  # the last vector: only its first `last` lanes
                 builder.call(store_some, [x, at, ir.Constant(_I32, 4), stored])
-        rows_values.append(values)
-    if not dot:
-        return
-    for o in range(DOT_OUTPUTS):
-        with builder.if_then(builder.icmp_signed("<", _index(o), outs)):
-            w_row = builder.gep(w2, [builder.mul(_index(o), ldw2)])
-            weights = [builder.load(_vector_at(builder, w_row, _index(v * lanes), floats), align=4) for v in range(vectors)]
-            products = []
-            for values in rows_values:
-                total = builder.fmul(values[0], weights[0])
+        for o in range(DOT_OUTPUTS if dot else 0):
+            with builder.if_then(builder.icmp_signed("<", _index(o), outs)):
+                w_row = builder.gep(w2, [builder.mul(_index(o), ldw2)])
+                w = [builder.load(_vector_at(builder, w_row, _index(v * lanes), floats), align=4) for v in range(vectors)]
+                total = builder.fmul(values[0], w[0])
                 for v in range(1, vectors):
-                    total = builder.call(fma, [values[v], weights[v], total])
-                products.append(total)
+                    total = builder.call(fma, [values[v], w[v], total])
+                builder.store(total, products[o][r])
+    for o in range(DOT_OUTPUTS if dot else 0):
+        with builder.if_then(builder.icmp_signed("<", _index(o), outs)):
             bias_o = _splat(builder, builder.load(builder.gep(bias2, [_index(o)])), lanes)
-            for total, rows_in in _sum_rows(builder, products, lanes):
-                total = builder.call(maximum, [builder.fadd(total, bias_o), floor2])
+            for total, rows_in in _sum_rows(builder, [builder.load(p) for p in products[o]], lanes):
+                total = at_least(builder.fadd(total, bias_o), floor2)
                 for lane, r in enumerate(rows_in):
                     if r is not None:
                         at = builder.gep(out2, [builder.add(builder.mul(_index(r), ldo), _index(o))])
                         builder.store(builder.extract_element(total, ir.Constant(_I32, lane)), at)
+
+
+def _kept_test(builder: ir.IRBuilder, threshold: ir.Value, lanes: int):  # noqa: ANN202
+    """``kept(address)``: the ``lanes`` mask bytes at ``address`` (i8 pointer) >= ``threshold``
+    (0 to 255), as a vector of i1. With AVX-512 the bytes are compared as they are (into a mask
+    register); with AVX2 widened to 32-bit lanes first (one load that widens, one compare), which
+    leaves the select a plain AND rather than byte compares, an inversion and a widening."""
+    if _AVX512:
+        limit = _splat(builder, builder.trunc(threshold, _I8), lanes)
+        kind = ir.VectorType(_I8, lanes)
+        return lambda at: builder.icmp_unsigned(">=", builder.load(builder.bitcast(at, kind.as_pointer()), align=1),
+                                                limit)
+    below = _splat(builder, builder.trunc(builder.sub(threshold, _index(1)), _I32), lanes)  # >= t is > t - 1
+    kind, wide = ir.VectorType(_I8, lanes), ir.VectorType(_I32, lanes)
+    return lambda at: builder.icmp_signed(">", builder.zext(builder.load(builder.bitcast(at, kind.as_pointer()),
+                                                                         align=1), wide), below)
 
 
 def _sum_rows(builder: ir.IRBuilder, vectors: list[ir.Value], lanes: int) -> list[tuple[ir.Value, list[int | None]]]:
@@ -219,9 +255,9 @@ def _tiles(dot: bool):  # noqa: ANN202 (a numba intrinsic)
     """The intrinsic ``tile(case, a, lda, b, ..., w2, ldw2, outs, out2, ldo, bias2, relu2)``: the
     tile of :func:`_emit_tile` (with ``dot`` or not) for the ``_case(lanes, rows, vectors)`` of
     one of the tiles it compiles in (any other does nothing), picked by a jump table: per width,
-    each shape of ``_SHAPES`` and its one-row form (the rows left over)."""
-    tiles = [(lanes, rows, vectors) for lanes, shapes in _SHAPES.items() for tall, vectors in shapes
-             for rows in (tall, 1)]
+    each shape of ``_SHAPES`` (with ``dot``: ``_DOT_SHAPES``) and its one-row form (the rows left over)."""
+    tiles = [(lanes, rows, vectors) for lanes, shapes in (_DOT_SHAPES if dot else _SHAPES).items()
+             for tall, vectors in shapes for rows in (tall, 1)]
 
     @intrinsic
     def tile(typingctx, case, a, lda, b, ldb, c, ldc, depth, last, bias, relu, mask, ldm, threshold,  # noqa: ANN001
@@ -319,21 +355,29 @@ def _emit_find(builder: ir.IRBuilder, x: ir.Value, indices: ir.Value, repeated: 
     population = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_I8, [_I8]), "llvm.ctpop.i8")
     byte_vector = ir.VectorType(_I8, 8 * WORD_STEP)
     equal = builder.icmp_unsigned("==", builder.bitcast(x, byte_vector), builder.bitcast(repeated, byte_vector))
-    # each word's eight byte tests as 0 or 0xFF bytes: the word has one where it is not 0
-    flags = builder.bitcast(builder.sext(equal, byte_vector), _WORDS)
-    hit = builder.icmp_unsigned("!=", flags, ir.Constant(_WORDS, [0] * WORD_STEP))
-    n = builder.load(total)
+
+    def hits() -> ir.Value:  # each word's eight byte tests as 0 or 0xFF bytes: a hit where not 0
+        flags = builder.bitcast(builder.sext(equal, byte_vector), _WORDS)
+        return builder.icmp_unsigned("!=", flags, ir.Constant(_WORDS, [0] * WORD_STEP))
+
     if _AVX512:
+        hit, n = hits(), builder.load(total)
         packed = builder.call(compress, [indices, hit, ir.Constant(_WORDS, ir.Undefined)])
         builder.store(packed, builder.bitcast(builder.gep(found, [n]), _WORDS.as_pointer()), align=8)
         builder.store(builder.add(n, builder.zext(builder.call(population, [builder.bitcast(hit, _I8)]), _I64)), total)
         return
-    # without AVX-512 a compress is a long emulated sequence: every index is written, and the
-    # next one goes past it only where it was a hit (no branches)
-    for lane in range(WORD_STEP):
-        builder.store(builder.extract_element(indices, ir.Constant(_I32, lane)), builder.gep(found, [n]))
-        n = builder.add(n, builder.zext(builder.extract_element(hit, ir.Constant(_I32, lane)), _I64))
-    builder.store(n, total)
+    # without AVX-512 a compress is a long emulated sequence: where any word is a hit (about one
+    # step in 4 at p = 0.05), every index is written, and the next one goes past it only where it
+    # was a hit; the other steps skip all that (the search then costs a third of what writing every
+    # step's indices did: 8-10 -> ~4 cycles a word with the hash on an AMD EPYC, AVX2)
+    any_byte = builder.icmp_unsigned("!=", builder.bitcast(equal, ir.IntType(8 * WORD_STEP)),
+                                     ir.Constant(ir.IntType(8 * WORD_STEP), 0))
+    with builder.if_then(any_byte, likely=False):
+        hit, n = hits(), builder.load(total)
+        for lane in range(WORD_STEP):
+            builder.store(builder.extract_element(indices, ir.Constant(_I32, lane)), builder.gep(found, [n]))
+            n = builder.add(n, builder.zext(builder.extract_element(hit, ir.Constant(_I32, lane)), _I64))
+        builder.store(n, total)
 
 
 def _splitmix(builder: ir.IRBuilder, z: ir.Value) -> ir.Value:
@@ -466,10 +510,15 @@ def _group(left, most):  # noqa: ANN001, ANN202 (numba)
 
 
 @njit(inline="always")
-def _tile_rows(lanes, vectors):  # noqa: ANN001, ANN202 (numba)
-    """The rows of the tile of ``_SHAPES`` for this width and number of vectors."""
+def _tile_rows(lanes, vectors, dot):  # noqa: ANN001, ANN202 (numba)
+    """The rows of the tile of ``_SHAPES`` (with ``dot``: ``_DOT_SHAPES``) for this width and
+    number of vectors."""
     if lanes == WIDE:
         for rows, count in _WIDE_SHAPES:
+            if count == vectors:
+                return rows
+    elif dot:
+        for rows, count in _NARROW_DOT_SHAPES:
             if count == vectors:
                 return rows
     else:
@@ -513,7 +562,7 @@ def layer(a, b, bias, relu, mask, threshold, c, lanes):  # noqa: ANN001, ANN201 
     while j < vectors:  # column groups, each over all the rows (a block's rows of a stay in cache)
         group = _group(vectors - j, most)
         last = min(lanes, m - lanes * (j + group - 1))
-        tall = _tile_rows(lanes, group)
+        tall = _tile_rows(lanes, group, False)
         pb, pbias = b0 + size * lanes * j, bias0 + size * lanes * j
         r = 0
         while r < n:
@@ -527,8 +576,8 @@ def layer(a, b, bias, relu, mask, threshold, c, lanes):  # noqa: ANN001, ANN201 
 
 @njit(inline="always")
 def fits_one_tile(columns, lanes):  # noqa: ANN001, ANN201 (numba)
-    """Whether a layer of ``columns`` outputs fits one tile's vectors (what :func:`layer_dot` needs)."""
-    return (columns + lanes - 1) // lanes <= (_WIDE_SHAPES[0][1] if lanes == WIDE else _NARROW_SHAPES[0][1])
+    """Whether a layer of ``columns`` outputs fits one of :func:`layer_dot`'s tiles (``_DOT_SHAPES``)."""
+    return (columns + lanes - 1) // lanes <= (_WIDE_SHAPES[0][1] if lanes == WIDE else _NARROW_DOT_SHAPES[-1][1])
 
 
 @njit(**_FLAGS)
@@ -558,7 +607,7 @@ def layer_dot(a, b, m, bias, relu, mask, threshold, w2, bias2, relu2, out, lanes
         whole[:m] = bias[:m]
         bias = whole
     vectors = (m + lanes - 1) // lanes
-    tall = _tile_rows(lanes, vectors)
+    tall = _tile_rows(lanes, vectors, True)
     last = m - lanes * (vectors - 1)
     lda, ldb, ldw2 = k, b.shape[1], w2.shape[1]
     a0, b0, bias0, mask0 = a.ctypes.data, b.ctypes.data, bias.ctypes.data, mask.ctypes.data

@@ -6,7 +6,7 @@ machine code: per block of rows the first dropout (the cached prefix broadcast a
 Linear the next dropout's mask bytes drawn and a register-tiled matmul (:func:`service.ml.mc_simd.layer`)
 that adds the bias and applies the ReLU and that mask as it stores each tile. A last layer of at
 most 4 outputs is computed from the registers of the tiles of the layer before it where that layer
-fits one tile (:func:`service.ml.mc_simd.layer_dot`: the UCI net's 50 units with 16 lanes), else as
+fits one tile (:func:`service.ml.mc_simd.layer_dot`: up to 64 units with 16 lanes, 56 with 8), else as
 dot products along the rows, then its bias and ReLU. The matmuls use ``mc_simd.LANES`` (16 floats
 a vector with AVX-512, else 8). It
 holds no GIL, so the rows of a call can be split over threads: in :func:`run` up to

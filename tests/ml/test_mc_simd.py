@@ -105,10 +105,12 @@ def test_dot_rows_matches_float64(n, k, m, lanes):
     _close(c, a.astype(np.float64) @ w)
 
 
-# (n, k, m, outs) that fit one tile of the width: 50 and 64 outputs only with 16 lanes
+# (n, k, m, outs) that fit one tile of the width: 64 outputs only with 16 lanes; with 8 lanes 25 to
+# 56 outputs take the tiles of 2 rows (4 to 7 vectors), odd n leaving a row for the one-row tile
 LAYER_DOT_CASES = [(lanes, *case) for lanes in (mc_simd.NARROW, mc_simd.WIDE)
                    for case in [(800, 13, 50, 1), (37, 13, 50, 3), (9, 5, 7, 4), (100, 20, 64, 2), (13, 3, 24, 1),
-                                (1, 1, 1, 1)] if mc_simd.fits_one_tile(case[2], lanes)]
+                                (1, 1, 1, 1), (7, 9, 30, 2), (5, 4, 40, 4), (3, 13, 41, 1), (11, 6, 56, 3)]
+                   if mc_simd.fits_one_tile(case[2], lanes)]
 
 
 @pytest.mark.parametrize(("lanes", "n", "k", "m", "outs"), LAYER_DOT_CASES)
@@ -130,12 +132,13 @@ def test_layer_dot_computes_the_last_layer_from_the_tiles(n, k, m, outs, relu2, 
 
 
 def test_layer_dot_needs_one_tile_and_padded_weights():
-    a, w = _operands(4, 5, 30)
+    a, w = _operands(4, 5, 60)
     out = np.empty((4, 1), dtype=np.float32)
-    with pytest.raises(ValueError, match="one tile"):  # 30 outputs: 4 vectors of 8, one more than a tile
-        mc_simd.layer_dot(a, mc_simd.padded_weights(w, 8), 30, np.zeros(32, dtype=np.float32), 0,
-                          np.empty(0, dtype=np.uint8), 0, np.zeros((1, 32), dtype=np.float32),
+    with pytest.raises(ValueError, match="one tile"):  # 60 outputs: 8 vectors of 8, one more than a tile
+        mc_simd.layer_dot(a, mc_simd.padded_weights(w, 8), 60, np.zeros(64, dtype=np.float32), 0,
+                          np.empty(0, dtype=np.uint8), 0, np.zeros((1, 64), dtype=np.float32),
                           np.zeros(1, dtype=np.float32), 0, out, 8)
+    a, w = _operands(4, 5, 30)
     with pytest.raises(ValueError, match="padded"):  # w2 not padded to 32 columns
         mc_simd.layer_dot(a, mc_simd.padded_weights(w, 16), 30, np.zeros(32, dtype=np.float32), 0,
                           np.empty(0, dtype=np.uint8), 0, np.zeros((1, 30), dtype=np.float32),
