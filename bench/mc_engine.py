@@ -236,8 +236,9 @@ class EngineLayersAlone:
     masks, bias or activation: the prefix Linear layers once over B rows (torch, as the engine
     computes them), then per block of :func:`engine_block_rows` rows each Linear as the whole call
     runs it — ``mc_simd.gemm`` on its padded weights, or ``mc_simd.dot_rows`` for a last layer of
-    at most ``mc_simd.DOT_OUTPUTS`` outputs — into per-block buffers. Same FLOPs as
-    :func:`linear_flops`."""
+    at most ``mc_simd.DOT_OUTPUTS`` outputs, or, where the whole call computes such a last layer
+    from the tiles of the layer before it, ``mc_simd.layer_dot`` for the two (zero biases, no
+    ReLU, no mask) — into per-block buffers. Same FLOPs as :func:`linear_flops`."""
 
     def __init__(self, net: nn.Sequential, batch: int, samples: int) -> None:
         from service.ml import mc_simd, mc_whole
@@ -260,15 +261,28 @@ class EngineLayersAlone:
             weights = plan.weights[at : at + shape[0] * shape[1]].reshape(shape)
             self.layers.append((dots, weights, np.empty((self.block, m), dtype=np.float32)))
             k = m
+        # as mc_whole.run_blocks decides it: the last layer from the tiles of the one before it
+        count = len(self.layers)
+        self.fuse_last = (count >= 2 and self.layers[-1][0]
+                          and mc_simd.fits_one_tile(int(plan.layers[count - 2, mc_whole.OUT]), plan.lanes))
+        widest = max(int(w) for w in plan.layers[:, mc_whole.OUT])
+        self.zeros = np.zeros(mc_simd.padded(widest, plan.lanes), dtype=np.float32)
+        self.no_mask = np.empty(0, dtype=np.uint8)
 
     def __call__(self) -> None:
         for x, weight_t, out in self.prefix:
             torch.mm(x, weight_t, out=out)
-        simd, lanes = self.simd, self.lanes
+        simd, lanes, zeros, layers = self.simd, self.lanes, self.zeros, self.layers
+        last = len(layers) - 2 if self.fuse_last else len(layers)
         for start in range(0, self.total, self.block):
             n = min(self.block, self.total - start)
             h = self.input[:n]
-            for dots, weights, out in self.layers:
+            for i, (dots, weights, out) in enumerate(layers):
+                if i == last:  # this layer and the last from its tiles
+                    _, weights2, out2 = layers[i + 1]
+                    simd.layer_dot(h, weights, out.shape[1], zeros, 0, self.no_mask, 0, weights2, zeros, 0,
+                                   out2[:n], lanes)
+                    break
                 if dots:
                     simd.dot_rows(h, weights, out[:n], lanes)
                 else:
@@ -696,9 +710,10 @@ def run(quick: bool = False, device: str | torch.device = "cpu",
             f"core's cache; {how}.",
             "Layers alone: the net's own Linear layers computed on the engine's blocks with no masks, bias or "
             "activation, by the engine's own kernels (service.ml.mc_simd: gemm on the padded weights, dot_rows "
-            "for a last layer of at most 4 outputs, each layer stored; the prefix Linear once over B rows by "
-            "torch): at 1 thread the ceiling of the engine's arithmetic, but for the stores the engine skips "
-            "where it computes the last layer from the tiles before it. torch layers alone: the same Linear "
+            "for a last layer of at most 4 outputs, each layer stored, or layer_dot for such a last layer and "
+            "the one before it where the engine computes the one from the tiles of the other; the prefix Linear "
+            "once over B rows by torch): at 1 thread the ceiling of the engine's arithmetic. torch layers "
+            "alone: the same Linear "
             "layers as torch.mm with out= "
             "on the same blocks (MKL, a narrow last layer as W @ hᵀ), as the Python loop over blocks runs them. "
             "The engine left MKL for its own kernels because MKL runs these small shapes far below its square "
