@@ -5,7 +5,8 @@
    (T separate forwards), T = 100, batch 1 and 64.
 2. The engine's achieved GFLOP/s (Linear FLOPs counted analytically: 2·m·n·k per layer over the
    T passes, the cached prefix once) against ``torch.matmul`` of a comparable shape
-   ``[T·B, width] @ [width, width]`` measured in the same run, float32, same threads; and the
+   ``[T·B, width] @ [width, width]`` timed in turn with the engine, block by block (pairs of
+   ~50 ms blocks; the share is the median of the pairs' ratios), float32, same threads; and the
    ceiling of the engine's arithmetic ("layers alone": the net's own Linear layers on the
    engine's blocks of rows by the engine's matmul kernels, no masks, bias or activation), next to
    the same layers by ``torch.mm``.
@@ -131,6 +132,39 @@ def seconds_per_call(fn: Callable[[], object], *, quick: bool, sync: Callable[[]
     return statistics.median(times)
 
 
+def paired_seconds(first: Callable[[], object], second: Callable[[], object], *, quick: bool,
+                   sync: Callable[[], None] = lambda: None) -> list[tuple[float, float]]:
+    """Timed blocks of two calls in turn (first, second, first, second, ...): per pair, the mean
+    time per call of each. Both calls of a pair run within a fraction of a second of each other,
+    so they see the same machine: a neighbour on a core, the other vCPU's load or a clock change
+    slows both, and their ratio stays. Each is warmed up and calibrated first (as
+    :func:`seconds_per_call`); stops adding pairs once a time budget is spent, keeping at least
+    one pair in quick mode and three otherwise."""
+    block_s, pairs, budget_s, least = (0.02, 3, 0.6, 1) if quick else (0.05, 15, 5.0, 3)
+    begun = time.perf_counter()
+    repetitions = []
+    for fn in (first, second):
+        fn()
+        sync()
+        started, calls = time.perf_counter(), 0
+        while calls < 2 or time.perf_counter() - started < block_s / 2:
+            fn()
+            calls += 1
+        sync()
+        repetitions.append(max(1, int(block_s / max((time.perf_counter() - started) / calls, 1e-9))))
+    times: list[tuple[float, float]] = []
+    while len(times) < pairs and (len(times) < least or time.perf_counter() - begun < budget_s):
+        pair = []
+        for fn, count in zip((first, second), repetitions):
+            started = time.perf_counter()
+            for _ in range(count):
+                fn()
+            sync()
+            pair.append((time.perf_counter() - started) / count)
+        times.append((pair[0], pair[1]))
+    return times
+
+
 def linear_flops(net: nn.Sequential, batch: int, samples: int) -> int:
     """2·m·n·k per Linear: once for the layers before the first sampled dropout (the cached
     prefix), ``samples`` times for the others."""
@@ -143,12 +177,17 @@ def linear_flops(net: nn.Sequential, batch: int, samples: int) -> int:
     return flops
 
 
-def matmul_gflops(rows: int, width: int, device: torch.device, *, quick: bool) -> float:
-    """float32 ``[rows, width] @ [width, width]`` with ``torch.matmul``."""
+def matmul_call(rows: int, width: int, device: torch.device) -> Callable[[], object]:
+    """float32 ``[rows, width] @ [width, width]`` with ``torch.matmul``: the baseline of item 2."""
     generator = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(rows, width, generator=generator, device=device)
     b = torch.randn(width, width, generator=generator, device=device)
-    seconds = seconds_per_call(lambda: torch.matmul(a, b), quick=quick, sync=synchronizer(device))
+    return lambda: torch.matmul(a, b)
+
+
+def matmul_gflops(rows: int, width: int, device: torch.device, *, quick: bool) -> float:
+    """GFLOP/s of :func:`matmul_call`."""
+    seconds = seconds_per_call(matmul_call(rows, width, device), quick=quick, sync=synchronizer(device))
     return 2 * rows * width * width / seconds / 1e9
 
 
@@ -308,7 +347,8 @@ class Measurement:
     layers_s: float  # the engine's matmuls alone (EngineLayersAlone on the CPU, LayersAlone elsewhere)
     blas_s: float  # the same Linear layers by torch (LayersAlone)
     flops: int
-    matmul_gflops: float
+    matmul_gflops: float  # the median of the pairs' matmul blocks
+    share: float  # engine GFLOP/s / matmul GFLOP/s: the median of the pairs' ratios
 
     @property
     def speedup(self) -> float:
@@ -330,19 +370,20 @@ def measure(quick: bool = False, device: str | torch.device = "cpu",
                 generator = torch.Generator().manual_seed(1)
                 for batch in BATCHES:
                     x = torch.randn(batch, network.spec.n_inputs, generator=generator).to(device)
-                    before = matmul_gflops(SAMPLES * batch, network.width, device, quick=quick)
-                    engine = seconds_per_call(lambda: sample_outputs(net, x, SAMPLES, SEED), quick=quick, sync=sync)
+                    # The engine and the matmul baseline in turn, block by block (paired_seconds):
+                    # the share is the median of the pairs' ratios, each pair seeing the same machine.
+                    baseline_flops = 2 * SAMPLES * batch * network.width ** 2
+                    flops = linear_flops(net, batch, SAMPLES)
+                    pairs = paired_seconds(matmul_call(SAMPLES * batch, network.width, device),
+                                           lambda: sample_outputs(net, x, SAMPLES, SEED), quick=quick, sync=sync)
+                    engine = statistics.median(e for _, e in pairs)
+                    matmul = baseline_flops / statistics.median(m for m, _ in pairs) / 1e9
+                    share = statistics.median((flops / e) / (baseline_flops / m) for m, e in pairs)
                     loop = seconds_per_call(lambda: sample_outputs_loop(net, x, SAMPLES, SEED), quick=quick, sync=sync)
                     blas = seconds_per_call(LayersAlone(net, batch, SAMPLES, device), quick=quick, sync=sync)
                     layers = (seconds_per_call(EngineLayersAlone(net, batch, SAMPLES), quick=quick)
                               if device.type == "cpu" and uses_whole_call(net) else blas)
-                    # The better of two baseline runs, one before and one after: a neighbour on a core
-                    # during one of them would otherwise flatter the engine's share.
-                    after = matmul_gflops(SAMPLES * batch, network.width, device, quick=quick)
-                    results.append(Measurement(
-                        network, label, batch, engine, loop, layers, blas, linear_flops(net, batch, SAMPLES),
-                        max(before, after),
-                    ))
+                    results.append(Measurement(network, label, batch, engine, loop, layers, blas, flops, matmul, share))
     return results
 
 
@@ -675,7 +716,7 @@ def run(quick: bool = False, device: str | torch.device = "cpu",
 
     flop_rows, flop_ok = [], []
     for m in results:
-        fraction = m.gflops(m.engine_s) / m.matmul_gflops
+        fraction = m.share
         ok = fraction >= PEAK_FRACTION_TARGET
         if m.batch == 64:
             flop_ok.append(ok)
@@ -735,8 +776,9 @@ def run(quick: bool = False, device: str | torch.device = "cpu",
         key="mc-engine-flops",
         title=f"2. MC engine GFLOP/s vs this machine's matmul GFLOP/s (float32, T = {SAMPLES}){where}",
         baseline="torch.matmul of [T·B, width] @ [width, width] (width = the widest hidden layer), float32, "
-                 "same threads, measured in the same run just before and just after the engine's row (the better "
-                 "of the two)",
+                 "same threads, timed in turn with the engine: blocks of ~50 ms of each, one after the other, "
+                 "up to 15 pairs; engine / matmul is the median of the pairs' ratios, the ms/call and GFLOP/s "
+                 "columns the medians of the blocks",
         columns=["network", "threads", "batch", "engine MFLOP/call", "engine ms/call", "engine GFLOP/s",
                  "matmul shape", "matmul GFLOP/s", "engine / matmul", ">= 50%", "layers alone GFLOP/s",
                  "layers alone / matmul"] + (["torch layers alone GFLOP/s"] if device.type == "cpu" else []),
