@@ -171,7 +171,6 @@ def _emit_tile(builder: ir.IRBuilder, lanes: int, rows: int, vectors: int, args:
     # with dot: per output, each row's products summed over its vectors (filled row by row, so
     # that only one row's values are live at a time)
     products = [[cgutils.alloca_once_value(builder, zero) for _ in range(rows)] for _ in range(DOT_OUTPUTS)] if dot else []
-    weights = []
     for r in range(rows):
         c_row = builder.gep(c, [builder.mul(_index(r), ldc)])
         mask_row = builder.gep(mask, [builder.mul(_index(r), ldm)])
