@@ -105,6 +105,18 @@ def synchronizer(device: torch.device) -> Callable[[], None]:
     return lambda: None
 
 
+def calibrated_repetitions(fn: Callable[[], object], block_s: float, sync: Callable[[], None]) -> int:
+    """How many calls of ``fn`` take about ``block_s``, after a first (warm-up) call."""
+    fn()
+    sync()
+    started, calls = time.perf_counter(), 0
+    while calls < 2 or time.perf_counter() - started < block_s / 2:
+        fn()
+        calls += 1
+    sync()
+    return max(1, int(block_s / max((time.perf_counter() - started) / calls, 1e-9)))
+
+
 def seconds_per_call(fn: Callable[[], object], *, quick: bool, sync: Callable[[], None] = lambda: None) -> float:
     """Median over timed blocks of the mean time per call (warm-up and calibration first).
 
@@ -113,15 +125,7 @@ def seconds_per_call(fn: Callable[[], object], *, quick: bool, sync: Callable[[]
     """
     block_s, blocks, budget_s, least = (0.02, 3, 0.4, 1) if quick else (0.1, 9, 3.0, 3)
     begun = time.perf_counter()
-    fn()
-    sync()
-    started, calls = time.perf_counter(), 0
-    while calls < 2 or time.perf_counter() - started < block_s / 2:
-        fn()
-        calls += 1
-    sync()
-    per_call = (time.perf_counter() - started) / calls
-    repetitions = max(1, int(block_s / max(per_call, 1e-9)))
+    repetitions = calibrated_repetitions(fn, block_s, sync)
     times: list[float] = []
     while len(times) < blocks and (len(times) < least or time.perf_counter() - begun < budget_s):
         started = time.perf_counter()
@@ -142,16 +146,7 @@ def paired_seconds(first: Callable[[], object], second: Callable[[], object], *,
     one pair in quick mode and three otherwise."""
     block_s, pairs, budget_s, least = (0.02, 3, 0.6, 1) if quick else (0.05, 15, 5.0, 3)
     begun = time.perf_counter()
-    repetitions = []
-    for fn in (first, second):
-        fn()
-        sync()
-        started, calls = time.perf_counter(), 0
-        while calls < 2 or time.perf_counter() - started < block_s / 2:
-            fn()
-            calls += 1
-        sync()
-        repetitions.append(max(1, int(block_s / max((time.perf_counter() - started) / calls, 1e-9))))
+    repetitions = [calibrated_repetitions(fn, block_s, sync) for fn in (first, second)]
     times: list[tuple[float, float]] = []
     while len(times) < pairs and (len(times) < least or time.perf_counter() - begun < budget_s):
         pair = []
