@@ -74,7 +74,7 @@ def _target_is_avx512() -> bool:
 _AVX512 = _target_is_avx512()
 LANES = WIDE if _AVX512 else NARROW  # the width the engine uses
 _REGISTERS = 32 if _AVX512 else 16
-# the tiles' empty inline asm (see _emit_tile) goes through LLVM's assembler, which numba leaves out
+# the tiles' (empty) inline asm (see _emit_tile) goes through LLVM's assembler, which numba leaves out
 llvmlite.binding.initialize_native_asmparser()
 
 
@@ -135,9 +135,11 @@ def _emit_tile(builder: ir.IRBuilder, lanes: int, rows: int, vectors: int, args:
     # the sums start at the bias: bias + Σ_q, one rounding fewer than adding it after
     sums = [[cgutils.alloca_once_value(builder, biases[v]) for v in range(vectors)] for _ in range(rows)]
     # Where the accumulators, the columns and a broadcast do not all fit the vector registers, each
-    # row loads the columns again (through a pointer LLVM cannot see is the same, so that it folds
-    # each load into its FMA instead of keeping the columns and spilling them to the stack).
+    # row loads the columns again, through a pointer LLVM cannot see is the same (passed through an
+    # empty inline asm, row after row), so that it folds each load into its FMA instead of keeping
+    # the columns and spilling them to the stack.
     shared = rows * vectors + vectors + 1 <= _REGISTERS
+    same = ir.FunctionType(b.type, [b.type])
     with cgutils.for_range(builder, depth) as loop:
         q = loop.index
         b_row = builder.gep(b, [builder.mul(q, ldb)])
@@ -146,9 +148,8 @@ def _emit_tile(builder: ir.IRBuilder, lanes: int, rows: int, vectors: int, args:
         for r in range(rows):
             x = _splat(builder, builder.load(builder.gep(a, [builder.add(builder.mul(_index(r), lda), q)])), lanes)
             if not shared:
-                row_b = b_row if r == 0 else builder.asm(ir.FunctionType(b_row.type, [b_row.type]), f"# row {r}",
-                                                         "=r,0", [b_row], False)
-                columns = [builder.load(_vector_at(builder, row_b, _index(v * lanes), floats), align=4)
+                b_row = b_row if r == 0 else builder.asm(same, "", "=r,0", [b_row], False)
+                columns = [builder.load(_vector_at(builder, b_row, _index(v * lanes), floats), align=4)
                            for v in range(vectors)]
             for v in range(vectors):
                 builder.store(builder.call(fma, [x, columns[v], builder.load(sums[r][v])]), sums[r][v])
