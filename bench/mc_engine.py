@@ -295,10 +295,7 @@ class EngineLayersAlone:
             weights = plan.weights[at : at + shape[0] * shape[1]].reshape(shape)
             self.layers.append((dots, weights, np.empty((self.block, m), dtype=np.float32)))
             k = m
-        # as mc_whole.run_blocks decides it: the last layer from the tiles of the one before it
-        count = len(self.layers)
-        self.fuse_last = (count >= 2 and self.layers[-1][0]
-                          and mc_simd.fits_one_tile(int(plan.layers[count - 2, mc_whole.OUT]), plan.lanes))
+        self.fuse_last = mc_whole.fuses_last(plan.layers, plan.lanes)  # as run_blocks decides it
         widest = max(int(w) for w in plan.layers[:, mc_whole.OUT])
         self.zeros = np.zeros(mc_simd.padded(widest, plan.lanes), dtype=np.float32)
         self.no_mask = np.empty(0, dtype=np.uint8)
@@ -731,7 +728,8 @@ def run(quick: bool = False, device: str | torch.device = "cpu",
                "next dropout's mask bytes and runs the register-tiled matmul of service.ml.mc_simd, which adds the "
                "bias, applies the ReLU and the mask as it stores each tile, in vectors of "
                f"{mc_simd_lanes()} floats; a last layer of at most 4 outputs is computed from the registers of the "
-               "tiles of the layer before it where that layer fits one tile (up to 64 units with 16 lanes, 56 with 8: the UCI net's 50 either way), "
+               "tiles of the layer before it where that layer fits one tile (up to 64 units with 16 lanes, 56 "
+               "with 8: the UCI net's 50 either way), "
                "else as dot products along the rows. With more than one thread the calling thread and a pool's "
                "threads take the blocks one at a time from a shared counter, each running its blocks from end to "
                "end (the caller starts at once; a pool thread that has not woken by the time the blocks run out is "

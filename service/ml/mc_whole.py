@@ -72,6 +72,15 @@ def layer_weights(weight_t: np.ndarray, last: bool, lanes: int) -> tuple[np.ndar
     return mc_simd.padded_weights(weight_t, lanes), False
 
 
+@njit(inline="always")
+def fuses_last(layers, lanes):  # noqa: ANN001, ANN201 (numba)
+    """Whether :func:`run_blocks` computes the narrow last layer of the table ``layers`` from the
+    tiles of the layer before it (:func:`service.ml.mc_simd.layer_dot`), whose outputs are then
+    never stored."""
+    count = layers.shape[0]
+    return count >= 2 and layers[count - 1, DOTS] != 0 and mc_simd.fits_one_tile(layers[count - 2, OUT], lanes)
+
+
 @njit(**_FLAGS)
 def run_blocks(prefix, first, layers, weights, biases, keys, out, block, counter, end_block, lanes):
     """Blocks of ``block`` rows of the T·B rows into ``out [T·B, n_out]``, taken one at a time from
@@ -91,9 +100,7 @@ def run_blocks(prefix, first, layers, weights, biases, keys, out, block, counter
             tiled[r] = prefix[r % rows]
         prefix = tiled
     count = layers.shape[0]
-    # the narrow last layer from the tiles of the layer before it (mc_simd.layer_dot), whose
-    # outputs are then never stored
-    fuse_last = count >= 2 and layers[count - 1, DOTS] != 0 and mc_simd.fits_one_tile(layers[count - 2, OUT], lanes)
+    fuse_last = fuses_last(layers, lanes)
     stored = count - 2 if fuse_last else count - 1  # the hidden layers whose outputs are stored
     widest = width
     hidden_size = 0
