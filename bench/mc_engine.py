@@ -538,23 +538,20 @@ class WholeCallAlone:
 
 
 def handoff_seconds(quick: bool) -> tuple[float, float]:
-    """Median round trip of an empty task through the whole call's pool (submit, a pool thread
-    wakes and runs it, the caller sees it done): back to back, and after 1 ms of the caller
-    spinning (as between two calls)."""
+    """Median time a call on 2 threads waits for the engine's helper thread to join it
+    (mc_whole.join_seconds): back to back (the helper still spinning since the last call), and
+    after the caller spent twice the helpers' spin time elsewhere (the helper asleep, woken)."""
     from service.ml import mc_whole
 
-    pool = mc_whole._pool()
-    pool.submit(lambda: None).result()
+    mc_whole.join_seconds()
     results = []
-    for gap in (0.0, 0.001):
+    for gap in (0.0, 2 * mc_whole.SPIN_SECONDS):
         times = []
         for _ in range(50 if quick else 300):
             until = time.perf_counter() + gap
             while time.perf_counter() < until:
                 pass
-            started = time.perf_counter()
-            pool.submit(lambda: None).result()
-            times.append(time.perf_counter() - started)
+            times.append(mc_whole.join_seconds())
         results.append(statistics.median(times))
     return results[0], results[1]
 
@@ -567,10 +564,13 @@ def thread_notes(results: list[Measurement], quick: bool, batch: int = 64) -> li
     if not many:
         return []
     back_to_back, after_gap = handoff_seconds(quick)
-    notes = [f"Handing work to another thread of the pool (submit, wake, run an empty task, see it done) took "
-             f"{back_to_back * 1e6:,.0f} µs back to back and {after_gap * 1e6:,.0f} µs after 1 ms idle (median), "
-             "mostly waking a sleeping thread (on a VM its vCPU may have halted); MKL's OpenMP threads, which the matmul baseline runs "
-             "on, spin between its back-to-back calls and do not pay it."]
+    from service.ml import mc_whole
+
+    notes = [f"A helper thread of the engine joined a call {back_to_back * 1e6:,.2f} µs after it was posted back to "
+             f"back (the helper spins for {mc_whole.SPIN_SECONDS * 1e3:g} ms after each call, as MKL's OpenMP threads, "
+             f"which the matmul baseline runs on, spin between parallel regions) and {after_gap * 1e6:,.0f} µs after "
+             f"{2 * mc_whole.SPIN_SECONDS * 1e3:g} ms without calls (median), when it has to be woken (on a VM its vCPU "
+             "may have halted)."]
     for network in NETWORKS:
         if network.name not in many:
             continue
@@ -594,7 +594,7 @@ def thread_notes(results: list[Measurement], quick: bool, batch: int = 64) -> li
             f"alone (mc_whole.run_blocks) took {alone * 1e6:,.0f} µs and the rest of the call (Python, checks, "
             f"keys, prefix, output) {serial * 1e6:,.0f} µs; shared perfectly over {threads} threads with no "
             f"handoff, a call would take {ideal * 1e6:,.0f} µs ({'within' if ideal <= budget else 'over'} the "
-            f"budget), and a pool thread joins only after the round trip above; measured: "
+            f"budget), and a helper joins after the wait above; measured: "
             f"{mt.engine_s * 1e6:,.0f} µs.")
     return notes
 
@@ -730,11 +730,11 @@ def run(quick: bool = False, device: str | torch.device = "cpu",
                f"{mc_simd_lanes()} floats; a last layer of at most 4 outputs is computed from the registers of the "
                "tiles of the layer before it where that layer fits one tile (up to 64 units with 16 lanes, 56 "
                "with 8: the UCI net's 50 either way), "
-               "else as dot products along the rows. With more than one thread the calling thread and a pool's "
-               "threads take the blocks one at a time from a shared counter, each running its blocks from end to "
-               "end (the caller starts at once; a pool thread that has not woken by the time the blocks run out is "
-               "called off), so masks and matmuls scale together and a seed gives the same samples whatever the "
-               "threads" if whole else
+               "else as dot products along the rows. With more than one thread the calling thread and the "
+               "engine's helper threads take the blocks one at a time from a shared counter, each running its "
+               "blocks from end to end (the caller starts at once; the helpers spin for a while after each call, "
+               "as OpenMP's threads do, and join the next within a microsecond), so masks and matmuls scale "
+               "together and a seed gives the same samples whatever the threads" if whole else
                "per block, torch.mm (MKL) computes each Linear into a buffer of the block and one numba kernel of "
                "service.ml.mc_kernels adds the bias, applies the ReLU and draws and applies the next dropout's mask "
                "in one pass (the Python loop over blocks)")

@@ -26,17 +26,20 @@ activation) applied by the kernels; a net with another activation keeps the Pyth
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import os
+import platform
 import threading
+import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import carray, njit, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from service.ml import mc_kernels, mc_simd, numba_cache
@@ -59,6 +62,102 @@ def _take(typingctx, counter):  # noqa: ANN001, ANN202, ARG001
         return builder.atomic_rmw("add", data, ir.Constant(ir.IntType(64), 1), "monotonic")
 
     return signature, codegen
+
+
+def _slot(context, builder, signature, args):  # noqa: ANN001, ANN202
+    """The address of ``array[index]`` for an intrinsic ``(array, index, ...)`` of an int64 array."""
+    data = context.make_array(signature.args[0])(context, builder, args[0]).data
+    return builder.gep(data, [context.cast(builder, args[1], signature.args[1], types.intp)])
+
+
+@intrinsic
+def _atomic_load(typingctx, box, index):  # noqa: ANN001, ANN202, ARG001
+    """``box[index]`` (int64), read atomically (acquire)."""
+    def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
+        return builder.load_atomic(_slot(context, builder, signature, args), "acquire", 8)
+
+    return types.int64(box, index), codegen
+
+
+@intrinsic
+def _atomic_store(typingctx, box, index, value):  # noqa: ANN001, ANN202, ARG001
+    """``box[index] = value`` (int64), atomically (release)."""
+    def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
+        value = context.cast(builder, args[2], signature.args[2], types.int64)
+        builder.store_atomic(value, _slot(context, builder, signature, args), "release", 8)
+        return context.get_dummy_value()
+
+    return types.void(box, index, value), codegen
+
+
+def _read_modify_write(operation: str):  # noqa: ANN202 (a numba intrinsic)
+    @intrinsic
+    def modify(typingctx, box, index, value):  # noqa: ANN001, ANN202, ARG001
+        def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
+            value = context.cast(builder, args[2], signature.args[2], types.int64)
+            return builder.atomic_rmw(operation, _slot(context, builder, signature, args), value, "seq_cst")
+
+        return types.int64(box, index, value), codegen
+
+    return modify
+
+
+# ``_atomic_add(box, index, value)``, ``_atomic_or(...)``: atomically, returning the value before.
+_atomic_add, _atomic_or = _read_modify_write("add"), _read_modify_write("or")
+
+
+@intrinsic
+def _compare_exchange(typingctx, box, index, expected, value):  # noqa: ANN001, ANN202, ARG001
+    """``box[index] = value`` if it holds ``expected``, atomically; whether it did."""
+    def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
+        expected = context.cast(builder, args[2], signature.args[2], types.int64)
+        value = context.cast(builder, args[3], signature.args[3], types.int64)
+        pair = builder.cmpxchg(_slot(context, builder, signature, args), expected, value, "seq_cst", "seq_cst")
+        return builder.extract_value(pair, 1)
+
+    return types.boolean(box, index, expected, value), codegen
+
+
+_X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
+
+
+@intrinsic
+def _pause(typingctx):  # noqa: ANN001, ANN202, ARG001
+    """A spin-wait hint (x86 ``pause``: the core idles ~40-140 cycles and leaves the line alone)."""
+    def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202, ARG001
+        if _X86:
+            pause = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []),
+                                                   "llvm.x86.sse2.pause")
+            builder.call(pause, [])
+        return context.get_dummy_value()
+
+    return types.void(), codegen
+
+
+@intrinsic
+def _ticks(typingctx):  # noqa: ANN001, ANN202, ARG001
+    """The CPU's cycle counter (x86 ``rdtsc``: constant rate); 0 on a target without one."""
+    def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202, ARG001
+        counter = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(64), []),
+                                                 "llvm.readcyclecounter")
+        return builder.call(counter, [])
+
+    return types.int64(), codegen
+
+
+def _pointer_to(kind: types.Type):  # noqa: ANN202 (a numba intrinsic)
+    @intrinsic
+    def pointer(typingctx, address):  # noqa: ANN001, ANN202, ARG001
+        def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
+            return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+
+        return types.CPointer(kind)(address), codegen
+
+    return pointer
+
+
+# An int64 address as a pointer to float32, int64 or uint64 (for numba.carray).
+_f32_at, _i64_at, _u64_at = (_pointer_to(kind) for kind in (types.float32, types.int64, types.uint64))
 
 
 def layer_weights(weight_t: np.ndarray, last: bool, lanes: int) -> tuple[np.ndarray, bool]:
@@ -208,62 +307,276 @@ def one_mkl_thread() -> Iterator[None]:
         _SET_LOCAL_THREADS[0](previous)
 
 
-_POOL: list[ThreadPoolExecutor] = []
+# The team's mailbox: an int64 array, its words written by different threads on their own cache
+# lines. STATE: the posted call's generation << 16, CLOSED once its caller has run out of blocks,
+# and the helpers that joined it in the low 15 bits; DONE: the joined helpers that have finished;
+# COUNTER: the call's block counter (run_blocks' ``counter``); SPINNING: helpers in serve now;
+# then the call's arguments (ARGS ...), written before its STATE is.
+STATE, DONE, COUNTER, SPINNING, STOP, FAILED, ARGS = 0, 8, 16, 24, 32, 33, 40
+_CLOSED, _JOINED = 1 << 15, (1 << 15) - 1
+(_PREFIX, _ROWS, _WIDTH, _FIRST, _LAYERS, _COUNT, _WEIGHTS, _WEIGHT_SIZE, _BIASES, _BIAS_SIZE, _KEYS, _KEY_COUNT,
+ _OUT, _TOTAL, _N_OUT, _BLOCK, _END, _LANES, _HELPERS) = range(ARGS, ARGS + 19)
+_BOX = 64
 
 
-def _pool() -> ThreadPoolExecutor:
+@njit(**_FLAGS)
+def _run_posted(box):  # noqa: ANN001, ANN202 (numba)
+    """Take and run blocks of the call posted in ``box`` until none are left (run_blocks on its
+    arrays, rebuilt from their addresses)."""
+    prefix = carray(_f32_at(box[_PREFIX]), (box[_ROWS], box[_WIDTH]))
+    first = carray(_i64_at(box[_FIRST]), 4)
+    layers = carray(_i64_at(box[_LAYERS]), (box[_COUNT], COLUMNS))
+    weights = carray(_f32_at(box[_WEIGHTS]), box[_WEIGHT_SIZE])
+    biases = carray(_f32_at(box[_BIASES]), box[_BIAS_SIZE])
+    keys = carray(_u64_at(box[_KEYS]), box[_KEY_COUNT])
+    out = carray(_f32_at(box[_OUT]), (box[_TOTAL], box[_N_OUT]))
+    run_blocks(prefix, first, layers, weights, biases, keys, out, box[_BLOCK], box[COUNTER : COUNTER + 1],
+               box[_END], box[_LANES])
+
+
+@njit(inline="always")
+def _post(box, helpers, prefix, first, layers, weights, biases, keys, out, block, end_block, lanes):  # noqa: ANN001, ANN202
+    """Post a call in ``box`` for up to ``helpers`` helpers: its arguments, then its generation."""
+    box[_PREFIX], box[_ROWS], box[_WIDTH] = prefix.ctypes.data, prefix.shape[0], prefix.shape[1]
+    box[_FIRST], box[_LAYERS], box[_COUNT] = first.ctypes.data, layers.ctypes.data, layers.shape[0]
+    box[_WEIGHTS], box[_WEIGHT_SIZE] = weights.ctypes.data, weights.size
+    box[_BIASES], box[_BIAS_SIZE] = biases.ctypes.data, biases.size
+    box[_KEYS], box[_KEY_COUNT] = keys.ctypes.data, keys.size
+    box[_OUT], box[_TOTAL], box[_N_OUT] = out.ctypes.data, out.shape[0], out.shape[1]
+    box[_BLOCK], box[_END], box[_LANES], box[_HELPERS] = block, end_block, lanes, helpers
+    box[COUNTER] = 0
+    box[DONE] = 0
+    box[FAILED] = 0
+    generation = (_atomic_load(box, STATE) >> 16) + 1
+    _atomic_store(box, STATE, generation << 16)  # posted: its arguments are visible to a helper that sees it
+
+
+@njit(inline="always")
+def _close(box):  # noqa: ANN001, ANN202
+    """Close the posted call to helpers that have not joined and wait for those that have to
+    finish (their last block); whether none failed."""
+    joined = _atomic_or(box, STATE, _CLOSED) & _JOINED
+    while _atomic_load(box, DONE) < joined:
+        _pause()
+    return _atomic_load(box, FAILED) == 0
+
+
+@njit(**_FLAGS)
+def run_team(box, helpers, prefix, first, layers, weights, biases, keys, out, block, end_block, lanes):  # noqa: ANN001, ANN201
+    """:func:`run_blocks` over all ``end_block`` blocks on this thread and up to ``helpers`` of the
+    team's threads (those in :func:`serve`): posts the call in ``box``, runs blocks until none are
+    left, closes the call to late helpers and waits for those that joined to finish theirs;
+    whether none of them failed."""
+    _post(box, helpers, prefix, first, layers, weights, biases, keys, out, block, end_block, lanes)
+    _run_posted(box)
+    return _close(box)
+
+
+@njit(**_FLAGS)
+def _join_ticks(box, limit, prefix, first, layers, weights, biases, keys, out, block, lanes):  # noqa: ANN001, ANN202
+    """Post a call of no blocks for one helper and wait until one joins it: the ticks that took
+    (-1 if none joined within ``limit`` ticks)."""
+    began = _ticks()
+    _post(box, 1, prefix, first, layers, weights, biases, keys, out, block, 0, lanes)
+    ticks = -1
+    while _ticks() - began < limit:
+        if _atomic_load(box, STATE) & _JOINED:
+            ticks = _ticks() - began
+            break
+        _pause()
+    _close(box)
+    return ticks
+
+
+@njit(**_FLAGS)
+def serve(box, seen, spin):  # noqa: ANN001, ANN201
+    """A helper of the team: joins each newly posted call in ``box`` while it is open (and fewer
+    helpers than it allows have joined) and runs its blocks; returns once no call has come for
+    ``spin`` ticks of the cycle counter, or ``box[STOP]`` is set. ``seen[0]``: the generation of
+    the last call this helper looked at (kept between serves)."""
+    _atomic_add(box, SPINNING, 1)
+    deadline = _ticks() + spin
+    while _atomic_load(box, STOP) == 0:
+        state = _atomic_load(box, STATE)
+        generation = state >> 16
+        if generation != seen[0]:
+            if state & _CLOSED or (state & _JOINED) >= box[_HELPERS]:
+                seen[0] = generation  # too late for this one
+            elif _compare_exchange(box, STATE, state, state + 1):
+                seen[0] = generation
+                _run_posted(box)
+                _atomic_add(box, DONE, 1)
+                deadline = _ticks() + spin
+            continue
+        if _ticks() >= deadline:
+            break
+        _pause()
+    _atomic_add(box, SPINNING, -1)
+
+
+class _Team:
+    """The helper threads of :func:`run`, each a Python thread that sleeps on its event and, woken,
+    spins in :func:`serve` (no GIL held) for ``spin`` seconds after its last call, as OpenMP's
+    threads do after a parallel region: a call that comes while they spin is taken up within a
+    few hundred nanoseconds instead of the 60-260 µs of waking a thread (a 2-vCPU VM)."""
+
+    def __init__(self, helpers: int, spin: float) -> None:
+        raw = np.zeros(_BOX + 8, dtype=np.int64)  # a cache-line aligned view of it
+        skip = (-raw.ctypes.data % 64) // 8
+        self.box = raw[skip : skip + _BOX]
+        self.helpers = helpers
+        self.spin_ticks = _spin_ticks(spin)
+        self.lock = threading.Lock()  # one call at a time posts in the box; others run alone
+        self.wakes = [threading.Event() for _ in range(helpers)]
+        self.threads = [threading.Thread(target=self._serve, args=(wake,), name=f"mcdrop-mc-{i}", daemon=True)
+                        for i, wake in enumerate(self.wakes)]
+        for thread in self.threads:
+            thread.start()
+
+    def _serve(self, wake: threading.Event) -> None:
+        seen = np.zeros(1, dtype=np.int64)
+        while True:
+            wake.wait()
+            wake.clear()
+            if self.box[STOP]:
+                return
+            try:
+                serve(self.box, seen, self.spin_ticks)
+            except BaseException:  # a block's scratch not allocated: tell the caller, not leave it waiting
+                self.box[FAILED] = 1
+                _atomic_add(self.box, DONE, 1)
+                raise
+
+    def wake(self) -> None:
+        """Wake the helpers that are not spinning (a woken one that finds no open call goes back)."""
+        if self.box[SPINNING] < self.helpers:
+            for wake in self.wakes:
+                wake.set()
+
+    def stop(self) -> None:
+        self.box[STOP] = 1
+        for wake in self.wakes:
+            wake.set()
+        for thread in self.threads:
+            thread.join(timeout=1.0)
+
+
+_RATE: list[float] = []
+
+
+def _tick_rate() -> float:
+    """Ticks of :func:`_ticks` a second, measured against ``time.perf_counter`` over ~1 ms, once;
+    0 where the counter does not run."""
+    if not _RATE:
+        began, ticks = time.perf_counter(), _now()
+        while time.perf_counter() - began < 1e-3:
+            pass
+        _RATE.append(max(0.0, (_now() - ticks) / (time.perf_counter() - began)))
+    return _RATE[0]
+
+
+def _spin_ticks(seconds: float) -> int:
+    """``seconds`` in ticks of :func:`_ticks`; 0 where the counter does not run (the helpers then
+    look once for a call and sleep)."""
+    return int(_tick_rate() * seconds) if seconds > 0 else 0
+
+
+@njit(**_FLAGS)
+def _now():  # noqa: ANN202 (numba)
+    return _ticks()
+
+
+# How long the team's helpers spin after a call before they sleep: OpenMP's threads (libgomp's
+# GOMP_SPINCOUNT, Intel's KMP_BLOCKTIME of 200 ms) spin the same way between parallel regions.
+SPIN_SECONDS = 0.001
+_TEAM: list[_Team] = []
+
+
+def _team(helpers: int) -> _Team:
     with _LOCK:
-        if not _POOL:
-            _POOL.append(ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) - 1),
-                                            thread_name_prefix="mcdrop-mc"))
-        return _POOL[0]
+        if _TEAM and _TEAM[0].helpers < helpers:
+            _TEAM.pop().stop()
+        if not _TEAM:
+            _TEAM.append(_Team(helpers, SPIN_SECONDS))
+        return _TEAM[0]
 
 
-def _forget_pool() -> None:  # a forked child has none of its parent's threads
-    _POOL.clear()
+def join_seconds(threads: int = 2) -> float:
+    """How long a call on ``threads`` threads waits for a helper to join it, woken as :func:`run`
+    wakes it (a measure for the benchmarks); NaN where none joined within a second."""
+    team = _team(threads - 1)
+    prefix, first, layers, weights, biases, keys, out = _probe_arrays()
+    rate = _tick_rate()
+    if not _join_ticks.signatures:  # compiled first, or the helper woken below spins out meanwhile
+        _join_ticks(np.zeros(_BOX, dtype=np.int64), 0, prefix, first, layers, weights, biases, keys, out, 2,
+                    mc_simd.LANES)
+    with team.lock:
+        team.wake()
+        ticks = _join_ticks(team.box, int(rate), prefix, first, layers, weights, biases, keys, out, 2, mc_simd.LANES)
+    return ticks / rate if ticks >= 0 and rate > 0 else float("nan")
 
 
-os.register_at_fork(after_in_child=_forget_pool)
+def _stop_team() -> None:
+    while _TEAM:
+        _TEAM.pop().stop()
+
+
+def _forget_team() -> None:  # a forked child has none of its parent's threads
+    _TEAM.clear()
+
+
+os.register_at_fork(after_in_child=_forget_team)
+atexit.register(_stop_team)  # before the interpreter tears down the machine code they spin in
 
 
 def run(prefix: np.ndarray, first: np.ndarray, layers: np.ndarray, weights: np.ndarray, biases: np.ndarray,
         keys: np.ndarray, out: np.ndarray, block: int, threads: int, lanes: int) -> None:
     """Fill ``out [T·B, n_out]`` (see :func:`run_blocks`) on up to ``threads`` threads.
 
-    The calling thread starts on the blocks at once; the pool's threads join as they wake and take
-    what is left. Waking one costs a round trip of 64-265 µs on a 2-vCPU VM (AMD EPYC, the longer
-    the pool sat idle), as long as a small call takes on one core: a thread that has not started by
-    the time the blocks are all taken is called off (its task cancelled) rather than waited for."""
+    The calling thread starts on the blocks at once; the team's helpers (``threads - 1``, started
+    once) join as they see the call and take what is left. A helper spinning since its last call
+    (:data:`SPIN_SECONDS`) joins within a microsecond; a sleeping one is woken, which costs a
+    round trip of 60-260 µs on a 2-vCPU VM, as long as a small call takes on one core, and joins
+    only if blocks are still left. While one call holds the team, a concurrent call runs alone."""
     blocks = -(-out.shape[0] // block)
-    counter = np.zeros(1, dtype=np.int64)
-    if threads == 1 or blocks == 1:
-        run_blocks(prefix, first, layers, weights, biases, keys, out, block, counter, blocks, lanes)
-        return
-    pool = _pool()
-    futures: list[Future[None]] = [
-        pool.submit(run_blocks, prefix, first, layers, weights, biases, keys, out, block, counter, blocks, lanes)
-        for _ in range(min(threads, blocks) - 1)]
-    try:
-        run_blocks(prefix, first, layers, weights, biases, keys, out, block, counter, blocks, lanes)
-    finally:
-        for future in futures:
-            if not future.cancel():  # started: it is finishing its last block
-                future.result()
+    prefix = np.ascontiguousarray(prefix)  # the team's calls pass arrays by address
+    helpers = min(threads, blocks) - 1
+    if helpers > 0:
+        team = _team(helpers)
+        if team.lock.acquire(blocking=False):
+            try:
+                team.wake()
+                if not run_team(team.box, helpers, prefix, first, layers, weights, biases, keys, out, block, blocks,
+                                lanes):
+                    raise MemoryError("a helper thread of the MC engine could not allocate its blocks' scratch")
+            finally:
+                team.lock.release()
+            return
+    run_blocks(prefix, first, layers, weights, biases, keys, out, block, np.zeros(1, dtype=np.int64), blocks, lanes)
+
+
+def _probe_arrays() -> tuple[np.ndarray, ...]:
+    """A call's arrays for a 3 -> 2 net of 2 rows (the warm-up's and the join probe's)."""
+    top, low, threshold = mc_kernels.mask_parameters(1 << 15)
+    layers = np.zeros((1, COLUMNS), dtype=np.int64)
+    layers[0, IN], layers[0, OUT], layers[0, BIAS_SIZE] = 3, 2, 2
+    keys = np.frombuffer(np.ones(2, dtype=np.uint64).tobytes(), dtype=np.uint64)  # read-only, as mc._fused_keys
+    return (np.ones((1, 3), dtype=np.float32), np.array([top, low, threshold, 0], dtype=np.int64), layers,
+            np.zeros(3 * mc_simd.padded(2, mc_simd.LANES), dtype=np.float32), np.zeros(2, dtype=np.float32), keys,
+            np.empty((2, 2), dtype=np.float32))
 
 
 def warm_up() -> None:
     """Compile (or load from numba's cache) :func:`run_blocks` for the read-only keys that
-    :func:`service.ml.mc._fused_keys` gives, seeded or not."""
-    prefix = np.ones((1, 3), dtype=np.float32)
-    top, low, threshold = mc_kernels.mask_parameters(1 << 15)
-    first = np.array([top, low, threshold, 0], dtype=np.int64)
-    layers = np.zeros((1, COLUMNS), dtype=np.int64)
-    layers[0, IN], layers[0, OUT], layers[0, BIAS_SIZE] = 3, 2, 2
-    keys = np.frombuffer(np.ones(2, dtype=np.uint64).tobytes(), dtype=np.uint64)  # read-only, as mc._fused_keys
-    run_blocks(prefix, first, layers, np.zeros(3 * mc_simd.padded(2, mc_simd.LANES), dtype=np.float32),
-               np.zeros(2, dtype=np.float32), keys, np.empty((2, 2), dtype=np.float32), 2,
-               np.zeros(1, dtype=np.int64), 1, mc_simd.LANES)
+    :func:`service.ml.mc._fused_keys` gives, seeded or not, and the team's :func:`run_team` and
+    :func:`serve`."""
+    prefix, first, layers, weights, biases, keys, out = _probe_arrays()
+    run_blocks(prefix, first, layers, weights, biases, keys, out, 2, np.zeros(1, dtype=np.int64), 1, mc_simd.LANES)
+    box, seen = np.zeros(_BOX, dtype=np.int64), np.zeros(1, dtype=np.int64)
+    run_team(box, 0, prefix, first, layers, weights, biases, keys, out, 2, 1, mc_simd.LANES)  # no helper joins
+    serve(box, seen, 0)  # sees the call above, too late to join it, and returns
+    _now()
 
 
 # run_blocks' machine code holds the kernels it calls: flushed from numba's cache when they change.
-numba_cache.refresh("mc_whole", [run_blocks], [__file__, mc_kernels.__file__, mc_simd.__file__])
+numba_cache.refresh("mc_whole", [run_blocks, _run_posted, run_team, _join_ticks, serve, _now], [__file__, mc_kernels.__file__, mc_simd.__file__])

@@ -130,34 +130,49 @@ def test_a_calls_blocks_share_out_evenly_over_one_two_or_four_threads(total, wid
     assert (-(-total // block), block) == expected
 
 
-def test_a_call_does_not_wait_for_a_pool_thread_that_has_not_started(threads):
-    # Every pool thread is busy: the calling thread takes all the blocks, calls the queued share off
-    # and returns, with the same samples as on one thread.
+def test_a_call_does_not_wait_for_a_helper_that_does_not_come(threads, monkeypatch):
+    # The helper sleeps and is never woken: the calling thread takes all the blocks, closes the
+    # call and returns, with the same samples as on one thread.
     net = NETS["textbook"]()
     x = torch.randn(64, 64, generator=torch.Generator().manual_seed(4))
     threads(1)
     expected = sample_outputs(net, x, 100, seed=9)
-    pool = mc_whole._pool()
-    release = threading.Event()
-    blockers = [pool.submit(release.wait, 60) for _ in range(pool._max_workers)]
-    try:
-        done = threading.Event()
-        result: list[torch.Tensor] = []
+    team = mc_whole._team(1)
+    monkeypatch.setattr(team, "wake", lambda: None)
+    while team.box[mc_whole.SPINNING]:  # until the helper's spin since an earlier call runs out
+        threading.Event().wait(0.001)
+    threads(2)
+    state = int(team.box[mc_whole.STATE])
+    assert torch.equal(sample_outputs(net, x, 100, seed=9), expected)
+    state_after = int(team.box[mc_whole.STATE])
+    assert state_after >> 16 == (state >> 16) + 1  # the call went through the team's box,
+    assert state_after & mc_whole._JOINED == 0  # and no helper joined it
 
-        def call() -> None:
-            torch.set_num_threads(2)
-            result.append(sample_outputs(net, x, 100, seed=9))
-            done.set()
 
-        threads(2)
-        caller = threading.Thread(target=call)
-        caller.start()
-        assert done.wait(30), "the call waited for a pool thread that never started"
-        assert torch.equal(result[0], expected)
-    finally:
-        release.set()
-        for blocker in blockers:
-            blocker.result(timeout=60)
+def test_a_spinning_helper_joins_a_call_and_shares_its_blocks(threads):
+    net = NETS["uci, one output"]()
+    x = torch.randn(64, 13, generator=torch.Generator().manual_seed(5))
+    threads(1)
+    expected = sample_outputs(net, x, 100, seed=2)
+    threads(2)
+    assert np.isfinite(mc_whole.join_seconds())  # a helper joined the probe's call
+    team = mc_whole._team(1)
+    joined = 0
+    for _ in range(20):  # the helper spins between these calls, so it joins (nearly) all of them
+        assert torch.equal(sample_outputs(net, x, 100, seed=2), expected)
+        joined += int(team.box[mc_whole.STATE]) & mc_whole._JOINED
+    assert joined > 0
+
+
+def test_the_engines_helpers_stop_at_exit():
+    # The helpers spin in machine code after each call; exiting right after a split call must not
+    # tear it down under them (an abort or a hang instead of exit status 0).
+    child = ("import torch; from service.ml.mc import sample_outputs; from service.ml.nets import NetworkSpec, "
+             "build_network; torch.set_num_threads(2); "
+             "net = build_network(NetworkSpec(64, 10, (64, 64), (0.5, 0.5)), seed=0); "
+             "sample_outputs(net, torch.zeros(64, 64), 100)")
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_concurrent_callers_get_their_own_samples(threads):
@@ -187,8 +202,8 @@ def _sample_in_child(queue) -> None:
 
 
 def test_a_forked_child_splits_its_calls_too(threads):
-    # The parent's thread pool does not survive a fork (as in a prefork Celery worker): the
-    # child must make its own, not wait on threads it does not have.
+    # The parent's helper threads do not survive a fork (as in a prefork Celery worker): the
+    # child must start its own, not wait on threads it does not have.
     threads(2)
     net = NETS["textbook"]()
     x = torch.randn(64, 64, generator=torch.Generator().manual_seed(2))
