@@ -10,10 +10,11 @@ fits one tile (:func:`service.ml.mc_simd.layer_dot`: up to 64 units with 16 lane
 dot products along the rows, then its bias and ReLU. The matmuls use ``mc_simd.LANES`` (16 floats
 a vector with AVX-512, else 8). It
 holds no GIL, so the rows of a call can be split over threads: in :func:`run` up to
-``torch.get_num_threads()`` threads (the calling thread and a small pool) take whole blocks one at a
-time from a shared counter until none are left, each running its blocks end to end. With several
-threads this beats threading each small matmul: that parallelises the matmuls only, and the masks,
-bias and activation run on one core.
+``torch.get_num_threads()`` threads (the calling thread and the helpers of a team that spin for a
+while after each call, as OpenMP's threads do, so that the next call finds them awake) take whole
+blocks one at a time from a shared counter until none are left, each running its blocks end to end.
+With several threads this beats threading each small matmul: that parallelises the matmuls only,
+and the masks, bias and activation run on one core.
 
 Masks depend only on the keys and the global row (see :mod:`service.ml.mc_kernels`) and every
 matmul runs on one thread over the same block of rows, so a seed gives the same samples whatever
