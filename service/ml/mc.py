@@ -290,6 +290,7 @@ class _WholePlan(NamedTuple):
     weights: np.ndarray  # float32, flat
     biases: np.ndarray  # float32, flat
     lanes: int  # the matmuls' vector width (mc_simd.LANES: 16 with AVX-512, else 8)
+    outputs: int  # the net's outputs
 
 
 def _whole_plan(first: _FusedDropout, layers: list[_FusedLayer]) -> _WholePlan | None:
@@ -313,7 +314,8 @@ def _whole_plan(first: _FusedDropout, layers: list[_FusedLayer]) -> _WholePlan |
         bias_at += layer.bias.size
     return _WholePlan(np.array([first.top, first.low, first.threshold, 2 * first.index], dtype=np.int64), table,
                       np.ascontiguousarray(np.concatenate(weights), dtype=np.float32),
-                      np.ascontiguousarray(np.concatenate(biases), dtype=np.float32), mc_simd.LANES)
+                      np.ascontiguousarray(np.concatenate(biases), dtype=np.float32), mc_simd.LANES,
+                      layers[-1].weight_t.shape[1])
 
 
 def _kernels():  # noqa: ANN202 (a module)
@@ -419,15 +421,15 @@ def _run_fused(prefix: Tensor, plan: _FusedPlan, samples: int, keys: np.ndarray,
     Where :mod:`service.ml.mc_whole` can (ReLU or no activation) the whole loop runs
     there, in machine code, its blocks split over ``torch.get_num_threads()`` threads; otherwise
     this Python loop calls ``torch.mm`` and the kernels block after block."""
-    mc_kernels = _kernels()
     total = samples * prefix.shape[0]
     whole = plan.whole if _WHOLE_CALL and plan.whole is not None else None
     block = _block_rows(total, plan.widest, max_elements, whole is not None)
     if whole is not None:
-        output = np.empty((total, plan.layers[-1].weight_t.shape[1]), dtype=np.float32)
+        output = np.empty((total, whole.outputs), dtype=np.float32)
         _whole().run(prefix.contiguous().numpy(), whole.first, whole.layers, whole.weights, whole.biases, keys, output,
                      block, torch.get_num_threads(), whole.lanes)
         return torch.from_numpy(output)
+    mc_kernels = _kernels()
     prefix_np = mc_kernels.tiled_rows(prefix.contiguous().numpy())  # row (t·B + b) % its rows is b
     first, last = plan.first, plan.layers[-1]
     first_args = (keys[2 * first.index], keys[2 * first.index + 1], first.top, first.low, first.threshold)
@@ -632,9 +634,11 @@ def _sample(
     if x.ndim != 2:
         raise ValueError(f"inputs must have shape [batch, features], got {tuple(x.shape)}")
     whole = (fused and compiled.fused is not None and compiled.fused.whole is not None and _WHOLE_CALL
-             and compiled.device.type == "cpu" and torch.get_num_threads() > 1)
+             and compiled.device.type == "cpu")
+    if whole and not compiled.prefix and not deterministic:  # no torch op to run: straight to the kernels
+        return _sample_suffix(compiled, x.detach(), samples, seed, max_elements, fused), None
     with torch.inference_mode(), _eval_mode(net, compiled.modules), (
-            _whole().one_mkl_thread() if whole else contextlib.nullcontext()):
+            _whole().one_mkl_thread() if whole and torch.get_num_threads() > 1 else contextlib.nullcontext()):
         prefix = x
         for step in compiled.prefix:
             prefix = step(prefix)

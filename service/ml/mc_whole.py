@@ -469,6 +469,7 @@ def _tick_rate() -> float:
     """Ticks of :func:`_ticks` a second, measured against ``time.perf_counter`` over ~1 ms, once;
     0 where the counter does not run."""
     if not _RATE:
+        _now()  # compiled (or loaded) before it is timed
         began, ticks = time.perf_counter(), _now()
         while time.perf_counter() - began < 1e-3:
             pass
@@ -543,7 +544,7 @@ def run(prefix: np.ndarray, first: np.ndarray, layers: np.ndarray, weights: np.n
     prefix = np.ascontiguousarray(prefix)  # the team's calls pass arrays by address
     helpers = min(threads, blocks) - 1
     if helpers > 0:
-        team = _team(helpers)
+        team = _TEAM[0] if _TEAM and _TEAM[0].helpers >= helpers else _team(helpers)
         if team.lock.acquire(blocking=False):
             try:
                 team.wake()
