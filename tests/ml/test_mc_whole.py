@@ -285,3 +285,14 @@ def test_an_avx2_target_gives_the_same_samples(tmp_path, threads):
         x = torch.randn(64, spec.n_inputs, generator=torch.Generator().manual_seed(3))
         here = sample_outputs(build_network(spec, seed=0), x, 100, seed=9)
         torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / f"{name}.npy")), here, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["textbook", "uci, one output"])
+def test_inputs_that_require_grad_give_the_same_samples(name):
+    # With a cached prefix the call runs under inference mode; without one (input dropout first)
+    # it goes straight to the kernels, which must not trip on a tensor that autograd tracks.
+    net = NETS[name]()
+    x = torch.randn(8, _n_inputs(net), generator=torch.Generator().manual_seed(6))
+    expected = sample_outputs(net, x, 20, seed=4)
+    got = sample_outputs(net, x.clone().requires_grad_(True), 20, seed=4)
+    assert torch.equal(got, expected) and not got.requires_grad
