@@ -509,6 +509,7 @@ class _Compiled(NamedTuple):
     """What a call needs of a net besides its inputs, kept while the net stays the same."""
     children: tuple[nn.Module, ...]  # the Sequential's modules, in order
     modules: tuple[nn.Module, ...]  # all of them, nested ones included
+    watched: tuple[nn.Module, ...]  # those with parameters, and the dropouts (see _watched)
     tensors: tuple[Tensor, ...]  # the parameters (held, so that their ids stay theirs)
     state: tuple[float, ...]  # what _state read when this was built
     device: torch.device
@@ -517,6 +518,7 @@ class _Compiled(NamedTuple):
     deterministic: list[Callable[[Tensor], Tensor]]  # the suffix with dropout off (in eval mode)
     steps: list[_Step]  # the general path's plan of the suffix
     fused: _FusedPlan | None  # the fused CPU path's, where the suffix has its shape
+    direct: _FusedPlan | None  # fused, where no torch op runs before the kernels' whole call (no prefix, CPU)
 
 
 _COMPILED: weakref.WeakKeyDictionary[nn.Module, _Compiled] = weakref.WeakKeyDictionary()
@@ -536,6 +538,12 @@ def _state(modules: tuple[nn.Module, ...]) -> tuple[float, ...]:
     return tuple(state)
 
 
+def _watched(modules: tuple[nn.Module, ...]) -> tuple[nn.Module, ...]:
+    """The modules whose :func:`_state` a kept plan depends on: those with parameters and the
+    dropouts (an activation or a container adds nothing to it, and a check per call skips them)."""
+    return tuple(m for m in modules if isinstance(m, _DropoutNd) or any(t is not None for t in m._parameters.values()))
+
+
 def _prefix_step(module: nn.Module) -> Callable[[Tensor], Tensor]:
     """``module``'s forward in eval mode, without nn.Module's call machinery for a Linear or a ReLU
     (no hooks to run on these; a few µs per layer of a batch-1 prediction)."""
@@ -551,7 +559,7 @@ def _compiled(net: nn.Sequential) -> _Compiled:
     rates (a batch-1 prediction would otherwise spend much of its time re-deriving them)."""
     compiled = _COMPILED.get(net)
     if (compiled is not None and tuple(net._modules.values()) == compiled.children
-            and _state(compiled.modules) == compiled.state):
+            and _state(compiled.watched) == compiled.state):
         return compiled
     children = tuple(net._modules.values())
     modules = tuple(net.modules())
@@ -563,11 +571,13 @@ def _compiled(net: nn.Sequential) -> _Compiled:
         if linears and linears[0].weight.device.type == "cpu" and linears[0].weight.dtype == torch.float32:
             fused = _fused_plan(suffix)
         steps = _plan(suffix) if suffix else []
+    watched = _watched(modules)
     compiled = _Compiled(
-        children, modules, tuple(t for m in modules for t in m._parameters.values() if t is not None),
-        _state(modules), _device_of(net), [_prefix_step(m) for m in children[:first]], suffix,
+        children, modules, watched, tuple(t for m in modules for t in m._parameters.values() if t is not None),
+        _state(watched), _device_of(net), [_prefix_step(m) for m in children[:first]], suffix,
         [_prefix_step(m) for m in suffix  # dropout is the identity in eval mode (hooks aside)
-         if not (isinstance(m, _DropoutNd) and not (m._forward_hooks or m._forward_pre_hooks))], steps, fused)
+         if not (isinstance(m, _DropoutNd) and not (m._forward_hooks or m._forward_pre_hooks))], steps, fused,
+        fused if fused is not None and fused.whole is not None and first == 0 else None)
     _COMPILED[net] = compiled
     return compiled
 
@@ -630,13 +640,13 @@ def _sample(
     if not isinstance(net, nn.Sequential):
         raise TypeError("sample_outputs needs an nn.Sequential")
     compiled = _compiled(net)
+    if compiled.direct is not None and fused and _WHOLE_CALL and not deterministic:
+        return _sample_direct(compiled.direct, _input_array(x), samples, seed, max_elements), None
     x = torch.as_tensor(x).to(device=compiled.device, dtype=torch.float32)
     if x.ndim != 2:
         raise ValueError(f"inputs must have shape [batch, features], got {tuple(x.shape)}")
     whole = (fused and compiled.fused is not None and compiled.fused.whole is not None and _WHOLE_CALL
              and compiled.device.type == "cpu")
-    if whole and not compiled.prefix and not deterministic:  # no torch op to run: straight to the kernels
-        return _sample_suffix(compiled, x.detach(), samples, seed, max_elements, fused), None
     with torch.inference_mode(), _eval_mode(net, compiled.modules), (
             _whole().one_mkl_thread() if whole and torch.get_num_threads() > 1 else contextlib.nullcontext()):
         prefix = x
@@ -648,6 +658,37 @@ def _sample(
             for step in compiled.deterministic:
                 dropout_off = step(dropout_off)
         return _sample_suffix(compiled, prefix, samples, seed, max_elements, fused), dropout_off
+
+
+def _input_array(x: Tensor | np.ndarray) -> np.ndarray:
+    """The inputs as a C-contiguous float32 ``[batch, features]`` array (a view where they are one)."""
+    if isinstance(x, Tensor):
+        try:
+            array = x.numpy()  # a CPU tensor that autograd does not track: a view, of any numpy dtype
+        except (RuntimeError, TypeError):  # tracked, on a GPU, or bfloat16
+            array = x.detach().to("cpu", torch.float32).numpy()
+    else:
+        array = np.asarray(x)
+        if not np.issubdtype(array.dtype, np.number) and array.dtype != np.bool_:
+            array = torch.as_tensor(x).to(dtype=torch.float32).numpy()  # what torch would take
+    if array.ndim != 2:
+        raise ValueError(f"inputs must have shape [batch, features], got {tuple(array.shape)}")
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def _sample_direct(plan: _FusedPlan, inputs: np.ndarray, samples: int, seed: int | None, max_elements: int) -> Tensor:
+    """``[T, B, n_out]`` from the kernels' whole call on ``inputs [B, D]`` themselves: a net whose
+    first module is the first dropout, on the CPU (no torch op runs, so no inference-mode or
+    eval-mode context is needed)."""
+    whole = plan.whole
+    assert whole is not None
+    rows = inputs.shape[0]
+    total = samples * rows
+    output = torch.empty(samples, rows, whole.outputs)
+    _whole().run(inputs, whole.first, whole.layers, whole.weights, whole.biases, _fused_keys(2 * plan.dropouts, seed),
+                 output.numpy().reshape(total, whole.outputs), _block_rows(total, plan.widest, max_elements, True),
+                 torch.get_num_threads(), whole.lanes)
+    return output
 
 
 def _sample_suffix(compiled: _Compiled, prefix: Tensor, samples: int, seed: int | None,

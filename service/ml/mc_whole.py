@@ -374,6 +374,21 @@ def run_team(box, helpers, prefix, first, layers, weights, biases, keys, out, bl
 
 
 @njit(**_FLAGS)
+def _close_call(box):  # noqa: ANN001, ANN202 (numba)
+    """:func:`_close`, after the caller's blocks raised."""
+    return _close(box)
+
+
+@njit(**_FLAGS)
+def _abandon(box):  # noqa: ANN001, ANN202 (numba)
+    """What :func:`serve` leaves undone when the blocks of a call it joined raise: the call marked
+    failed, this helper counted as done with it and as no longer spinning."""
+    box[FAILED] = 1
+    _atomic_add(box, SPINNING, -1)
+    _atomic_add(box, DONE, 1)
+
+
+@njit(**_FLAGS)
 def _join_ticks(box, limit, prefix, first, layers, weights, biases, keys, out, block, lanes):  # noqa: ANN001, ANN202
     """Post a call of no blocks for one helper and wait until one joins it: the ticks that took
     (-1 if none joined within ``limit`` ticks)."""
@@ -428,6 +443,7 @@ class _Team:
         self.helpers = helpers
         self.spin_ticks = _spin_ticks(spin)
         self.lock = threading.Lock()  # one call at a time posts in the box; others run alone
+        self.error: Exception | None = None  # the last a helper met in a call's blocks
         self.wakes = [threading.Event() for _ in range(helpers)]
         self.threads = [threading.Thread(target=self._serve, args=(wake,), name=f"mcdrop-mc-{i}", daemon=True)
                         for i, wake in enumerate(self.wakes)]
@@ -443,10 +459,9 @@ class _Team:
                 return
             try:
                 serve(self.box, seen, self.spin_ticks)
-            except BaseException:  # a block's scratch not allocated: tell the caller, not leave it waiting
-                self.box[FAILED] = 1
-                _atomic_add(self.box, DONE, 1)
-                raise
+            except Exception as error:  # in a call's blocks: the caller raises it rather than wait
+                self.error = error
+                _abandon(self.box)
 
     def wake(self) -> None:
         """Wake the helpers that are not spinning (a woken one that finds no open call goes back)."""
@@ -540,6 +555,9 @@ def run(prefix: np.ndarray, first: np.ndarray, layers: np.ndarray, weights: np.n
     (:data:`SPIN_SECONDS`) joins within a microsecond; a sleeping one is woken, which costs a
     round trip of 60-260 µs on a 2-vCPU VM, as long as a small call takes on one core, and joins
     only if blocks are still left. While one call holds the team, a concurrent call runs alone."""
+    if prefix.shape[1] != layers[0, IN] or out.shape[1] != layers[-1, OUT]:
+        raise ValueError(f"inputs of {prefix.shape[1]} features and outputs of {out.shape[1]} for a net that takes "
+                         f"{layers[0, IN]} and gives {layers[-1, OUT]}")
     blocks = -(-out.shape[0] // block)
     prefix = np.ascontiguousarray(prefix)  # the team's calls pass arrays by address
     helpers = min(threads, blocks) - 1
@@ -548,9 +566,14 @@ def run(prefix: np.ndarray, first: np.ndarray, layers: np.ndarray, weights: np.n
         if team.lock.acquire(blocking=False):
             try:
                 team.wake()
-                if not run_team(team.box, helpers, prefix, first, layers, weights, biases, keys, out, block, blocks,
-                                lanes):
-                    raise MemoryError("a helper thread of the MC engine could not allocate its blocks' scratch")
+                try:
+                    finished = run_team(team.box, helpers, prefix, first, layers, weights, biases, keys, out, block,
+                                        blocks, lanes)
+                except BaseException:
+                    _close_call(team.box)  # not before the helpers that joined are done with the arrays
+                    raise
+                if not finished:
+                    raise RuntimeError("a helper thread of the MC engine failed on its blocks") from team.error
             finally:
                 team.lock.release()
             return
@@ -576,9 +599,11 @@ def warm_up() -> None:
     run_blocks(prefix, first, layers, weights, biases, keys, out, 2, np.zeros(1, dtype=np.int64), 1, mc_simd.LANES)
     box, seen = np.zeros(_BOX, dtype=np.int64), np.zeros(1, dtype=np.int64)
     run_team(box, 0, prefix, first, layers, weights, biases, keys, out, 2, 1, mc_simd.LANES)  # no helper joins
+    _close_call(box)
+    _abandon(np.zeros(_BOX, dtype=np.int64))
     serve(box, seen, 0)  # sees the call above, too late to join it, and returns
     _now()
 
 
 # run_blocks' machine code holds the kernels it calls: flushed from numba's cache when they change.
-numba_cache.refresh("mc_whole", [run_blocks, _run_posted, run_team, _join_ticks, serve, _now], [__file__, mc_kernels.__file__, mc_simd.__file__])
+numba_cache.refresh("mc_whole", [run_blocks, _run_posted, run_team, _close_call, _abandon, _join_ticks, serve, _now], [__file__, mc_kernels.__file__, mc_simd.__file__])

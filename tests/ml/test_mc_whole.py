@@ -164,6 +164,35 @@ def test_a_spinning_helper_joins_a_call_and_shares_its_blocks(threads):
     assert joined > 0
 
 
+def test_a_call_whose_blocks_fail_raises_and_leaves_the_team_working(threads):
+    # Weights too short for the table: every block raises, on the caller and on the helper. The
+    # call raises once both are done with its arrays, and the next call splits again.
+    net = NETS["uci, one output"]()
+    x = torch.randn(64, 13, generator=torch.Generator().manual_seed(5))
+    threads(1)
+    expected = sample_outputs(net, x, 100, seed=2)
+    threads(2)
+    whole = mc._compiled(net).fused.whole
+    keys = mc._fused_keys(4, 2)
+    out = np.empty((6400, 1), dtype=np.float32)
+    with pytest.raises((ValueError, RuntimeError)):
+        for _ in range(20):  # until a helper has joined a failing call (nearly always the first)
+            mc_whole.join_seconds()
+            mc_whole.run(x.numpy(), whole.first, whole.layers, whole.weights[:100], whole.biases, keys, out, 100, 2,
+                         whole.lanes)
+    team = mc_whole._team(1)
+    assert team.box[mc_whole.STATE] & mc_whole._CLOSED
+    assert np.isfinite(mc_whole.join_seconds())
+    assert torch.equal(sample_outputs(net, x, 100, seed=2), expected)
+
+
+def test_inputs_that_do_not_fit_the_net_are_refused_before_any_block_runs():
+    whole = mc._compiled(NETS["uci, one output"]()).fused.whole
+    with pytest.raises(ValueError, match="inputs of 12 features"):
+        mc_whole.run(np.zeros((4, 12), dtype=np.float32), whole.first, whole.layers, whole.weights, whole.biases,
+                     mc._fused_keys(4, 1), np.empty((40, 1), dtype=np.float32), 10, 2, whole.lanes)
+
+
 def test_the_engines_helpers_stop_at_exit():
     # The helpers spin in machine code after each call; exiting right after a split call must not
     # tear it down under them (an abort or a hang instead of exit status 0).
