@@ -6,7 +6,8 @@
 2. The engine's achieved GFLOP/s (Linear FLOPs counted analytically: 2·m·n·k per layer over the
    T passes, the cached prefix once) against ``torch.matmul`` of a comparable shape
    ``[T·B, width] @ [width, width]`` timed in turn with the engine, block by block (pairs of
-   ~50 ms blocks; the share is the median of the pairs' ratios), float32, same threads; and the
+   ~50 ms blocks, each after a short pause; the share is the median of the pairs' ratios),
+   float32, same threads; and the
    ceiling of the engine's arithmetic ("layers alone": the net's own Linear layers on the
    engine's blocks of rows by the engine's matmul kernels, no masks, bias or activation), next to
    the same layers by ``torch.mm``.
@@ -136,6 +137,9 @@ def seconds_per_call(fn: Callable[[], object], *, quick: bool, sync: Callable[[]
     return statistics.median(times)
 
 
+SETTLE_S = 0.02  # the pause before each of paired_seconds' blocks
+
+
 def paired_seconds(first: Callable[[], object], second: Callable[[], object], *, quick: bool,
                    sync: Callable[[], None] = lambda: None) -> list[tuple[float, float]]:
     """Timed blocks of two calls in turn (first, second, first, second, ...): per pair, the mean
@@ -143,7 +147,12 @@ def paired_seconds(first: Callable[[], object], second: Callable[[], object], *,
     so they see the same machine: a neighbour on a core, the other vCPU's load or a clock change
     slows both, and their ratio stays. Each is warmed up and calibrated first (as
     :func:`seconds_per_call`); stops adding pairs once a time budget is spent, keeping at least
-    one pair in quick mode and three otherwise."""
+    one pair in quick mode and three otherwise.
+
+    Each block starts after a pause of :data:`SETTLE_S`, so that it never runs beside the other's
+    threads still spinning after its last call: libgomp's (MKL's matmul) spin ~4 ms after a
+    parallel region, the engine's helpers 1 ms; beside them a call's threads share a core in time
+    slices (a few calls of milliseconds each)."""
     block_s, pairs, budget_s, least = (0.02, 3, 0.6, 1) if quick else (0.05, 15, 5.0, 3)
     begun = time.perf_counter()
     repetitions = [calibrated_repetitions(fn, block_s, sync) for fn in (first, second)]
@@ -151,6 +160,7 @@ def paired_seconds(first: Callable[[], object], second: Callable[[], object], *,
     while len(times) < pairs and (len(times) < least or time.perf_counter() - begun < budget_s):
         pair = []
         for fn, count in zip((first, second), repetitions):
+            time.sleep(SETTLE_S)
             started = time.perf_counter()
             for _ in range(count):
                 fn()
@@ -770,8 +780,9 @@ def run(quick: bool = False, device: str | torch.device = "cpu",
         title=f"2. MC engine GFLOP/s vs this machine's matmul GFLOP/s (float32, T = {SAMPLES}){where}",
         baseline="torch.matmul of [T·B, width] @ [width, width] (width = the widest hidden layer), float32, "
                  "same threads, timed in turn with the engine: blocks of ~50 ms of each, one after the other, "
-                 "up to 15 pairs; engine / matmul is the median of the pairs' ratios, the ms/call and GFLOP/s "
-                 "columns the medians of the blocks",
+                 f"each after a {SETTLE_S * 1e3:g} ms pause (so that neither runs beside the other's threads still "
+                 "spinning after its last call), up to 15 pairs; engine / matmul is the median of the pairs' "
+                 "ratios, the ms/call and GFLOP/s columns the medians of the blocks",
         columns=["network", "threads", "batch", "engine MFLOP/call", "engine ms/call", "engine GFLOP/s",
                  "matmul shape", "matmul GFLOP/s", "engine / matmul", ">= 50%", "layers alone GFLOP/s",
                  "layers alone / matmul"] + (["torch layers alone GFLOP/s"] if device.type == "cpu" else []),
