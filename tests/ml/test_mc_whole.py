@@ -149,12 +149,18 @@ def test_a_call_does_not_wait_for_a_helper_that_does_not_come(threads, monkeypat
     assert state_after & mc_whole._JOINED == 0  # and no helper joined it
 
 
-def test_a_spinning_helper_joins_a_call_and_shares_its_blocks(threads):
+def _uci_on_one_thread_then_two(threads) -> tuple[nn.Sequential, torch.Tensor, torch.Tensor]:
+    """The UCI net, a batch of 64 and its samples (seed 2) on one thread; torch then on two."""
     net = NETS["uci, one output"]()
     x = torch.randn(64, 13, generator=torch.Generator().manual_seed(5))
     threads(1)
     expected = sample_outputs(net, x, 100, seed=2)
     threads(2)
+    return net, x, expected
+
+
+def test_a_spinning_helper_joins_a_call_and_shares_its_blocks(threads):
+    net, x, expected = _uci_on_one_thread_then_two(threads)
     assert np.isfinite(mc_whole.join_seconds())  # a helper joined the probe's call
     team = mc_whole._team(1)
     joined = 0
@@ -167,11 +173,7 @@ def test_a_spinning_helper_joins_a_call_and_shares_its_blocks(threads):
 def test_a_call_whose_blocks_fail_raises_and_leaves_the_team_working(threads):
     # Weights too short for the table: every block raises, on the caller and on the helper. The
     # call raises once both are done with its arrays, and the next call splits again.
-    net = NETS["uci, one output"]()
-    x = torch.randn(64, 13, generator=torch.Generator().manual_seed(5))
-    threads(1)
-    expected = sample_outputs(net, x, 100, seed=2)
-    threads(2)
+    net, x, expected = _uci_on_one_thread_then_two(threads)
     whole = mc._compiled(net).fused.whole
     keys = mc._fused_keys(4, 2)
     out = np.empty((6400, 1), dtype=np.float32)
