@@ -53,18 +53,6 @@ IN, OUT, WEIGHT, BIAS, BIAS_SIZE, RELU, DROPOUT, TOP, LOW, THRESHOLD, KEY, DOTS,
 COLUMNS = 13
 
 
-@intrinsic
-def _take(typingctx, counter):  # noqa: ANN001, ANN202, ARG001
-    """``_take(counter)``: atomically ``counter[0] += 1``, returning the value before (int64 array)."""
-    signature = types.int64(counter)
-
-    def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202, ARG001
-        data = context.make_array(signature.args[0])(context, builder, args[0]).data
-        return builder.atomic_rmw("add", data, ir.Constant(ir.IntType(64), 1), "monotonic")
-
-    return signature, codegen
-
-
 def _slot(context, builder, signature, args):  # noqa: ANN001, ANN202
     """The address of ``array[index]`` for an intrinsic ``(array, index, ...)`` of an int64 array."""
     data = context.make_array(signature.args[0])(context, builder, args[0]).data
@@ -216,7 +204,7 @@ def run_blocks(prefix, first, layers, weights, biases, keys, out, block, counter
     no_mask = words.view(np.uint8)[:0]
     flat_out = out.reshape(-1)
     while True:
-        b = _take(counter)
+        b = _atomic_add(counter, 0, 1)  # this thread's next block
         if b >= end_block:
             break
         start = b * block
