@@ -418,6 +418,14 @@ def serve(box, seen, spin):  # noqa: ANN001, ANN201
     _atomic_add(box, SPINNING, -1)
 
 
+def _ready() -> None:
+    """Compile :func:`serve` (or load it from numba's cache) on the calling thread. A helper that
+    compiled it on its first call held a core for the ~10 s of a compile, while the calls ran
+    alone; and a process that exited meanwhile crashed (a segfault, or LLVM's own assertion), since
+    :meth:`_Team.stop` waits a second at most for a helper at exit."""
+    serve(np.zeros(_BOX, dtype=np.int64), np.zeros(1, dtype=np.int64), 0)  # no call posted: returns
+
+
 class _Team:
     """The helper threads of :func:`run`, each a Python thread that sleeps on its event and, woken,
     spins in :func:`serve` (no GIL held) for ``spin`` seconds after its last call, as OpenMP's
@@ -433,6 +441,8 @@ class _Team:
         self.lock = threading.Lock()  # one call at a time posts in the box; others run alone
         self.error: Exception | None = None  # the last a helper met in a call's blocks
         self.wakes = [threading.Event() for _ in range(helpers)]
+        if not serve.signatures:  # compiled (or loaded from numba's cache) here, not by a helper (see _ready)
+            _ready()
         self.threads = [threading.Thread(target=self._serve, args=(wake,), name=f"mcdrop-mc-{i}", daemon=True)
                         for i, wake in enumerate(self.wakes)]
         for thread in self.threads:

@@ -206,6 +206,15 @@ def test_the_engines_helpers_stop_at_exit():
     assert done.returncode == 0, done.stderr[-2000:]
 
 
+def test_a_new_team_has_its_helpers_machine_code_before_they_start():
+    # A helper that compiled serve itself on its first call held a core for the compile, and a
+    # process that exited meanwhile crashed: the team compiles (or loads) it before starting them.
+    child = ("from service.ml import mc_whole; assert not mc_whole.serve.signatures; team = mc_whole._team(1); "
+             "assert mc_whole.serve.signatures and all(t.is_alive() for t in team.threads)")
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_concurrent_callers_get_their_own_samples(threads):
     threads(2)
     net = NETS["textbook"]()
@@ -302,8 +311,8 @@ for name, spec in (("uci", NetworkSpec(13, 1, (50,), (0.05,), input_dropout=0.05
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="AVX2 is an x86-64 feature set")
 def test_an_avx2_target_gives_the_same_samples(tmp_path, threads):
-    # The engine as numba compiles it for a CPU without AVX-512 (8-lane tiles, the masks' search
-    # without a compress instruction), run on this one: the same samples as here, but for the
+    # The engine as numba compiles it for a CPU without AVX-512 (8-lane tiles, 256-bit mask
+    # words and flags), run on this one: the same samples as here, but for the
     # last layer's sums across lanes (rounding).
     env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES=AVX2_FEATURES,
                NUMBA_CACHE_DIR=str(tmp_path / "numba"))
