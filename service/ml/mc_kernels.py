@@ -49,7 +49,10 @@ def draw(words, first, units, key, key2, top, low):
     """Fill ``words`` with the words of units ``first .. first + units`` (global unit indices, byte
     ``u % 8`` of word ``u // 8``); bytes equal to ``top`` are settled by their low byte against
     ``low`` (set to 255 if kept, 0 if dropped). Returns the first unit's byte offset in ``words``:
-    unit ``first + i`` is kept when byte ``offset + i`` is >= the threshold (``mask_parameters``)."""
+    unit ``first + i`` is kept when byte ``offset + i`` is >= the threshold (``mask_parameters``).
+
+    The words come with a flag bit per byte equal to ``top`` (1 in 256), 64 to a flag word; only
+    those bytes draw a low byte, visited in order."""
     start = first // 8
     offset = first - 8 * start
     count = (offset + units + 7) // 8
@@ -58,14 +61,18 @@ def draw(words, first, units, key, key2, top, low):
     base = np.uint64(start)
     pattern = np.uint64(top) * _LOW_BYTES
     settle = low != 0  # else the threshold is a multiple of 256: the high byte decides alone
-    found = np.empty(count + mc_simd.WORD_STEP if settle else 0, dtype=np.int64)
-    for t in range(mc_simd.splitmix_words(words, count, key, base, pattern, found)):  # ~1 word in 32
-        i = found[t]
-        word = words[i]
-        # 0xFF in each byte equal to top (equal_bytes gives their high bits), 0 elsewhere
-        equal = (mc_simd.equal_bytes(word, pattern) >> np.uint64(7)) * _BYTE
-        kept = mc_simd.kept_bytes(key2, (base + np.uint64(i)) * np.uint64(8), low)
-        words[i] = (word & ~equal) | (kept & equal)
+    flags = np.empty(mc_simd.flag_words(count) if settle else 0, dtype=np.uint64)
+    mc_simd.splitmix_words(words, count, key, base, pattern, flags)
+    for s in range(flags.size):
+        equal = flags[s]  # bit b: byte b of words 8 s .. 8 s + 7 equals top
+        while equal != 0:
+            b = mc_simd.lowest_bit(equal)
+            i = mc_simd.WORD_STEP * s + b // 8
+            shift = np.uint64(8 * (b % 8))
+            unit = (base + np.uint64(i)) * np.uint64(8) + np.uint64(b % 8)
+            kept = np.uint64(np.intp(mc_simd.splitmix64(key2, unit) & _BYTE) >= low)  # no branch: 1 in 5 dropped
+            words[i] = (words[i] & ~(_BYTE << shift)) | ((_BYTE * kept) << shift)
+            equal &= equal - np.uint64(1)
     return offset
 
 

@@ -18,8 +18,9 @@ the core's L1 cache anyway:
   straight from the registers of the tiles of the layer before it, where that layer fits one tile
   (with 8 lanes, tiles of 2 rows by up to 7 vectors: the layer's columns reloaded per row, each
   load folded into its FMA, so that 14 accumulators fit AVX2's 16 registers).
-* The masks' random words are drawn here too (:func:`splitmix_words`, :func:`kept_bytes`): as
-  512-bit vector code, which numba's loop vectorizer does not emit on Intel's AVX-512 parts.
+* The masks' random words are drawn here too (:func:`splitmix_words`, with a flag bit per byte
+  that needs its low byte drawn): as 512-bit vector code, which numba's loop vectorizer does not
+  emit on Intel's AVX-512 parts.
 
 Two vector widths are compiled in, and every kernel takes the one to use (``lanes``): 16 floats
 (512 bits, AVX-512: 32 vector registers, so tiles of up to 24 accumulators) and 8 floats (256
@@ -48,7 +49,7 @@ from numba.extending import intrinsic
 
 NARROW, WIDE = 8, 16  # floats per vector: 256 and 512 bits
 DOT_OUTPUTS = 4  # layers with at most this many outputs take dot_rows
-WORD_STEP = 8  # words_with_byte tests this many uint64 words at a time (512 bits)
+WORD_STEP = 8  # splitmix_words draws and tests this many uint64 words at a time (512 bits): one flag word
 
 # The tiles per width: (rows, vectors), widest first, a tile's accumulators (rows · vectors) and
 # its column loads (vectors) within the vector registers: 32 with AVX-512, 16 with AVX2. A tile
@@ -341,43 +342,14 @@ def _dots(typingctx, case, a, lda, w, c, ldc, depth):  # noqa: ANN001, ANN202, A
 _WORDS = ir.VectorType(_I64, WORD_STEP)
 
 
-def _emit_find(builder: ir.IRBuilder, x: ir.Value, indices: ir.Value, repeated: ir.Value, found: ir.Value,
-               total: ir.Value) -> None:
-    """For the vector ``x`` of WORD_STEP words whose indices are ``indices``: append to ``found``
-    (int64 pointer) the indices of those with a byte equal to the byte of ``repeated`` (the pattern
-    in every lane), in order, at ``found[*total]``, and add their number to ``*total``. The bytes
-    are compared all at once; the indices compressed into place by one instruction with AVX-512
-    (``llvm.experimental.vector.compress``), a whole vector stored each time (``found`` has
-    WORD_STEP entries to spare), or one by one elsewhere."""
-    compress = cgutils.get_or_insert_function(
-        builder.module, ir.FunctionType(_WORDS, [_WORDS, ir.VectorType(ir.IntType(1), WORD_STEP), _WORDS]),
-        f"llvm.experimental.vector.compress.v{WORD_STEP}i64")
-    population = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_I8, [_I8]), "llvm.ctpop.i8")
+def _emit_flags(builder: ir.IRBuilder, x: ir.Value, repeated: ir.Value, flags: ir.Value, step: ir.Value) -> None:
+    """For the vector ``x`` of WORD_STEP words: ``flags[step]`` (a uint64) gets bit ``b`` set
+    where byte ``b`` of the vector equals the byte of ``repeated`` (the pattern in every lane): the
+    bytes compared at once (into a mask of their bits: ``vpmovmskb``) and stored every step, without
+    a branch (about one step in 4 has such a byte at p = 0.05, which the predictor cannot learn)."""
     byte_vector = ir.VectorType(_I8, 8 * WORD_STEP)
     equal = builder.icmp_unsigned("==", builder.bitcast(x, byte_vector), builder.bitcast(repeated, byte_vector))
-
-    def hits() -> ir.Value:  # each word's eight byte tests as 0 or 0xFF bytes: a hit where not 0
-        flags = builder.bitcast(builder.sext(equal, byte_vector), _WORDS)
-        return builder.icmp_unsigned("!=", flags, ir.Constant(_WORDS, [0] * WORD_STEP))
-
-    if _AVX512:
-        hit, n = hits(), builder.load(total)
-        packed = builder.call(compress, [indices, hit, ir.Constant(_WORDS, ir.Undefined)])
-        builder.store(packed, builder.bitcast(builder.gep(found, [n]), _WORDS.as_pointer()), align=8)
-        builder.store(builder.add(n, builder.zext(builder.call(population, [builder.bitcast(hit, _I8)]), _I64)), total)
-        return
-    # without AVX-512 a compress is a long emulated sequence: where any word is a hit (about one
-    # step in 4 at p = 0.05), every index is written, and the next one goes past it only where it
-    # was a hit; the other steps skip all that (the search then costs a third of what writing every
-    # step's indices did: 8-10 -> ~4 cycles a word with the hash on an AMD EPYC, AVX2)
-    any_byte = builder.icmp_unsigned("!=", builder.bitcast(equal, ir.IntType(8 * WORD_STEP)),
-                                     ir.Constant(ir.IntType(8 * WORD_STEP), 0))
-    with builder.if_then(any_byte, likely=False):
-        hit, n = hits(), builder.load(total)
-        for lane in range(WORD_STEP):
-            builder.store(builder.extract_element(indices, ir.Constant(_I32, lane)), builder.gep(found, [n]))
-            n = builder.add(n, builder.zext(builder.extract_element(hit, ir.Constant(_I32, lane)), _I64))
-        builder.store(n, total)
+    builder.store(builder.bitcast(equal, ir.IntType(8 * WORD_STEP)), builder.gep(flags, [step]))
 
 
 def _splitmix(builder: ir.IRBuilder, z: ir.Value) -> ir.Value:
@@ -403,26 +375,24 @@ def _counters(builder: ir.IRBuilder, key: ir.Value, first: ir.Value) -> ir.Value
 
 
 @intrinsic
-def _splitmix_words(typingctx, words, count, key, base, pattern, found):  # noqa: ANN001, ANN202, ARG001
-    """``n = _splitmix_words(words, count, key, base, pattern, found)`` (addresses of a uint64 and
-    an int64 array): ``words[i] = splitmix64(key, base + i)`` for ``i < count - count % WORD_STEP``
-    (the generator of :mod:`service.ml.mc_kernels`), in whole vectors of WORD_STEP words; where
-    ``found`` is not 0, also the indices of the words with a byte equal to the byte repeated in
-    ``pattern`` into it (:func:`_emit_find`), their number returned (else 0). Written out as vector
-    IR because numba's loop vectorizer stops at 256 bits on Intel's AVX-512 parts: 512-bit
-    multiplies drew the words 2.2x as fast there (Emerald Rapids), and the test of each vector
-    costs little while it is in registers."""
-    signature = types.intp(types.intp, types.intp, types.uint64, types.uint64, types.uint64, types.intp)
+def _splitmix_words(typingctx, words, count, key, base, pattern, flags):  # noqa: ANN001, ANN202, ARG001
+    """``_splitmix_words(words, count, key, base, pattern, flags)`` (addresses of two uint64
+    arrays): ``words[i] = splitmix64(key, base + i)`` for ``i < count - count % WORD_STEP`` (the
+    generator of :mod:`service.ml.mc_kernels`), in whole vectors of WORD_STEP words; where
+    ``flags`` is not 0, also a uint64 per vector, bit ``b`` set where its byte ``b`` equals the byte
+    repeated in ``pattern`` (:func:`_emit_flags`). Written out as vector IR because
+    numba's loop vectorizer stops at 256 bits on Intel's AVX-512 parts: 512-bit multiplies drew the
+    words 2.2x as fast there (Emerald Rapids), and the test of each vector costs little while it is
+    in registers."""
+    signature = types.void(types.intp, types.intp, types.uint64, types.uint64, types.uint64, types.intp)
 
     def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202, ARG001
-        words, count, key, base, pattern, found = args
-        searching = builder.icmp_unsigned("!=", found, _index(0))
-        words, found = (builder.inttoptr(p, _I64.as_pointer()) for p in (words, found))
+        words, count, key, base, pattern, flags = args
+        searching = builder.icmp_unsigned("!=", flags, _index(0))
+        words, flags = (builder.inttoptr(p, _I64.as_pointer()) for p in (words, flags))
         repeated = _splat(builder, pattern, WORD_STEP)
-        total = cgutils.alloca_once_value(builder, _index(0))
         z = cgutils.alloca_once_value(builder, _counters(builder, key, base))
         step = ir.Constant(_WORDS, [(WORD_STEP * _GOLDEN) % 2**64] * WORD_STEP)
-        indices = cgutils.alloca_once_value(builder, ir.Constant(_WORDS, list(range(WORD_STEP))))
         steps = builder.udiv(count, _index(WORD_STEP))
         with builder.if_else(searching) as (search, plain):
             for find in (True, False):  # the loop twice, with and without the test
@@ -433,26 +403,21 @@ def _splitmix_words(typingctx, words, count, key, base, pattern, found):  # noqa
                     x = _splitmix(builder, x)
                     builder.store(x, builder.bitcast(builder.gep(words, [at]), _WORDS.as_pointer()), align=8)
                     if find:
-                        here = builder.load(indices)
-                        builder.store(builder.add(here, ir.Constant(_WORDS, [WORD_STEP] * WORD_STEP)), indices)
-                        _emit_find(builder, x, here, repeated, found, total)
-        return builder.load(total)
+                        _emit_flags(builder, x, repeated, flags, loop.index)
+        return context.get_dummy_value()
 
     return signature, codegen
 
 
 @intrinsic
-def kept_bytes(typingctx, key, first, low):  # noqa: ANN001, ANN202, ARG001
-    """``kept_bytes(key, first, low)``: a uint64 whose byte ``b`` (b < 8) is 255 where the low byte
-    of ``splitmix64(key, first + b)`` is >= ``low`` (0 to 255), else 0: the second draw of
-    :func:`service.ml.mc_kernels.draw` for the eight bytes of a word at once, without branches."""
-    signature = types.uint64(types.uint64, types.uint64, types.intp)
+def lowest_bit(typingctx, value):  # noqa: ANN001, ANN202, ARG001
+    """The index of the lowest set bit of a nonzero uint64 (one ``tzcnt``)."""
+    signature = types.intp(types.uint64)
 
     def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202, ARG001
-        key, first, low = args
-        lows = builder.trunc(_splitmix(builder, _counters(builder, key, first)), ir.VectorType(_I8, WORD_STEP))
-        kept = builder.icmp_unsigned(">=", lows, _splat(builder, builder.trunc(low, _I8), WORD_STEP))
-        return builder.bitcast(builder.sext(kept, ir.VectorType(_I8, WORD_STEP)), _I64)
+        count = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_I64, [_I64, ir.IntType(1)]),
+                                               "llvm.cttz.i64")
+        return builder.call(count, [args[0], ir.Constant(ir.IntType(1), 1)])
 
     return signature, codegen
 
@@ -463,7 +428,7 @@ _SEVENS = np.uint64(0x7F7F7F7F7F7F7F7F)
 @njit(inline="always")
 def equal_bytes(word, pattern):  # noqa: ANN001, ANN201 (numba)
     """The high bit of every byte of ``word`` (uint64) equal to the byte repeated in ``pattern``,
-    exactly: 0 where there is none (as the vector test of ``_words_with_byte``)."""
+    exactly: 0 where there is none (as the vector test of :func:`_emit_flags`)."""
     x = word ^ pattern  # a zero byte where they are equal
     return ~(((x & _SEVENS) + _SEVENS) | x | _SEVENS)
 
@@ -478,19 +443,30 @@ def splitmix64(key, counter):  # noqa: ANN001, ANN201 (numba)
 
 
 @njit(inline="always")
-def splitmix_words(words, count, key, base, pattern, found):  # noqa: ANN001, ANN201 (numba)
-    """``words[i] = splitmix64(key, base + i)`` for ``i < count`` (uint64); where ``found`` (int64)
-    is not empty (at least ``count + WORD_STEP`` entries: whole vectors of indices are stored),
-    also the indices of the words with a byte equal to the byte repeated in ``pattern``, in order,
-    into it. Returns how many it found (0 with an empty ``found``)."""
+def splitmix_words(words, count, key, base, pattern, flags):  # noqa: ANN001, ANN201 (numba)
+    """``words[i] = splitmix64(key, base + i)`` for ``i < count`` (uint64); where ``flags`` (uint64)
+    is not empty (at least :func:`flag_words` (count)), also bit ``b`` of ``flags[s]`` set where
+    byte ``b`` of words ``WORD_STEP · s`` onwards (``8 · WORD_STEP`` bytes) equals the byte
+    repeated in ``pattern``, clear elsewhere (the last one's bytes past ``count`` words included)."""
     whole = count - count % WORD_STEP
-    n = _splitmix_words(words.ctypes.data, whole, key, base, pattern, found.ctypes.data if found.size else 0)
-    for i in range(whole, count):
-        words[i] = splitmix64(key, base + np.uint64(i))
-        if found.size and equal_bytes(words[i], pattern) != np.uint64(0):
-            found[n] = i
-            n += 1
-    return n
+    _splitmix_words(words.ctypes.data, whole, key, base, pattern, flags.ctypes.data if flags.size else 0)
+    if whole < count:
+        last = np.uint64(0)
+        for i in range(whole, count):
+            words[i] = splitmix64(key, base + np.uint64(i))
+            if flags.size:
+                equal = equal_bytes(words[i], pattern)  # the high bit of each equal byte
+                for b in range(8):
+                    if (equal >> np.uint64(8 * b + 7)) & np.uint64(1):
+                        last |= np.uint64(1) << np.uint64(8 * (i - whole) + b)
+        if flags.size:
+            flags[whole // WORD_STEP] = last
+
+
+@njit(inline="always")
+def flag_words(count):  # noqa: ANN001, ANN201 (numba)
+    """The flags :func:`splitmix_words` writes for ``count`` words: one per WORD_STEP of them."""
+    return (count + WORD_STEP - 1) // WORD_STEP
 
 
 @njit(inline="always")
