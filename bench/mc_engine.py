@@ -351,6 +351,7 @@ class Measurement:
     flops: int
     matmul_gflops: float  # the median of the pairs' matmul blocks
     share: float  # engine GFLOP/s / matmul GFLOP/s: the median of the pairs' ratios
+    share_spread: tuple[float, float]  # the pairs' ratios' lower and upper quartiles (their middle half)
 
     @property
     def speedup(self) -> float:
@@ -380,12 +381,15 @@ def measure(quick: bool = False, device: str | torch.device = "cpu",
                                            lambda: sample_outputs(net, x, SAMPLES, SEED), quick=quick, sync=sync)
                     engine = statistics.median(e for _, e in pairs)
                     matmul = baseline_flops / statistics.median(m for m, _ in pairs) / 1e9
-                    share = statistics.median((flops / e) / (baseline_flops / m) for m, e in pairs)
+                    ratios = [(flops / e) / (baseline_flops / m) for m, e in pairs]
+                    share = statistics.median(ratios)
+                    spread = (share, share) if len(ratios) < 2 else tuple(statistics.quantiles(ratios, n=4)[::2])
                     loop = seconds_per_call(lambda: sample_outputs_loop(net, x, SAMPLES, SEED), quick=quick, sync=sync)
                     blas = seconds_per_call(LayersAlone(net, batch, SAMPLES, device), quick=quick, sync=sync)
                     layers = (seconds_per_call(EngineLayersAlone(net, batch, SAMPLES), quick=quick)
                               if device.type == "cpu" and uses_whole_call(net) else blas)
-                    results.append(Measurement(network, label, batch, engine, loop, layers, blas, flops, matmul, share))
+                    results.append(Measurement(network, label, batch, engine, loop, layers, blas, flops, matmul, share,
+                                               spread))
     return results
 
 
@@ -724,7 +728,9 @@ def run(quick: bool = False, device: str | torch.device = "cpu",
             flop_ok.append(ok)
         flop_rows.append([m.network.name, m.threads, m.batch, m.flops / 1e6, m.engine_s * 1e3, m.gflops(m.engine_s),
                           f"[{SAMPLES * m.batch}, {m.network.width}] @ [{m.network.width}, {m.network.width}]",
-                          m.matmul_gflops, f"{100 * fraction:.0f}%", ("yes" if ok else "no") if m.batch == 64 else "—",
+                          m.matmul_gflops, f"{100 * fraction:.0f}%",
+                          f"{100 * m.share_spread[0]:.0f}-{100 * m.share_spread[1]:.0f}%",
+                          ("yes" if ok else "no") if m.batch == 64 else "—",
                           m.gflops(m.layers_s), f"{100 * m.gflops(m.layers_s) / m.matmul_gflops:.0f}%"]
                          + ([m.gflops(m.blas_s)] if device.type == "cpu" else []))
     of_ceiling = "; ".join(f"{m.network.name}, {m.threads} thread{'' if m.threads == '1' else 's'}: "
@@ -782,9 +788,11 @@ def run(quick: bool = False, device: str | torch.device = "cpu",
                  "same threads, timed in turn with the engine: blocks of ~50 ms of each, one after the other, "
                  f"each after a {SETTLE_S * 1e3:g} ms pause (so that neither runs beside the other's threads still "
                  "spinning after its last call), up to 15 pairs; engine / matmul is the median of the pairs' "
-                 "ratios, the ms/call and GFLOP/s columns the medians of the blocks",
+                 "ratios and the pairs' middle half their quartiles (how much the machine moved the share), the "
+                 "ms/call and GFLOP/s columns the medians of the blocks",
         columns=["network", "threads", "batch", "engine MFLOP/call", "engine ms/call", "engine GFLOP/s",
-                 "matmul shape", "matmul GFLOP/s", "engine / matmul", ">= 50%", "layers alone GFLOP/s",
+                 "matmul shape", "matmul GFLOP/s", "engine / matmul", "pairs' middle half", ">= 50%",
+                 "layers alone GFLOP/s",
                  "layers alone / matmul"] + (["torch layers alone GFLOP/s"] if device.type == "cpu" else []),
         rows=flop_rows,
         target=f">= {100 * PEAK_FRACTION_TARGET:.0f}% of matmul GFLOP/s at batch 64 (every thread setting)",
