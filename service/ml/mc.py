@@ -422,13 +422,9 @@ def _run_fused(prefix: Tensor, plan: _FusedPlan, samples: int, keys: np.ndarray,
     there, in machine code, its blocks split over ``torch.get_num_threads()`` threads; otherwise
     this Python loop calls ``torch.mm`` and the kernels block after block."""
     total = samples * prefix.shape[0]
-    whole = plan.whole if _WHOLE_CALL and plan.whole is not None else None
-    block = _block_rows(total, plan.widest, max_elements, whole is not None)
-    if whole is not None:
-        output = np.empty((total, whole.outputs), dtype=np.float32)
-        _whole().run(prefix.contiguous().numpy(), whole.first, whole.layers, whole.weights, whole.biases, keys, output,
-                     block, torch.get_num_threads(), whole.lanes)
-        return torch.from_numpy(output)
+    if _WHOLE_CALL and plan.whole is not None:
+        return _whole_call(plan, prefix.contiguous().numpy(), samples, keys, max_elements).view(total, -1)
+    block = _block_rows(total, plan.widest, max_elements, False)
     mc_kernels = _kernels()
     prefix_np = mc_kernels.tiled_rows(prefix.contiguous().numpy())  # row (t·B + b) % its rows is b
     first, last = plan.first, plan.layers[-1]
@@ -641,7 +637,8 @@ def _sample(
         raise TypeError("sample_outputs needs an nn.Sequential")
     compiled = _compiled(net)
     if compiled.direct is not None and fused and _WHOLE_CALL and not deterministic:
-        return _sample_direct(compiled.direct, _input_array(x), samples, seed, max_elements), None
+        direct = compiled.direct
+        return _whole_call(direct, _input_array(x), samples, _fused_keys(2 * direct.dropouts, seed), max_elements), None
     x = torch.as_tensor(x).to(device=compiled.device, dtype=torch.float32)
     if x.ndim != 2:
         raise ValueError(f"inputs must have shape [batch, features], got {tuple(x.shape)}")
@@ -676,16 +673,16 @@ def _input_array(x: Tensor | np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=np.float32)
 
 
-def _sample_direct(plan: _FusedPlan, inputs: np.ndarray, samples: int, seed: int | None, max_elements: int) -> Tensor:
-    """``[T, B, n_out]`` from the kernels' whole call on ``inputs [B, D]`` themselves: a net whose
-    first module is the first dropout, on the CPU (no torch op runs, so no inference-mode or
-    eval-mode context is needed)."""
+def _whole_call(plan: _FusedPlan, inputs: np.ndarray, samples: int, keys: np.ndarray, max_elements: int) -> Tensor:
+    """``[T, B, n_out]`` from the kernels' whole call (:mod:`service.ml.mc_whole`) on ``inputs [B,
+    D]``: the cached prefix, or the net's inputs themselves where its first module is the first
+    dropout (no torch op runs then, so no inference-mode or eval-mode context is needed)."""
     whole = plan.whole
     assert whole is not None
     rows = inputs.shape[0]
     total = samples * rows
     output = np.empty((samples, rows, whole.outputs), dtype=np.float32)
-    _whole().run(inputs, whole.first, whole.layers, whole.weights, whole.biases, _fused_keys(2 * plan.dropouts, seed),
+    _whole().run(inputs, whole.first, whole.layers, whole.weights, whole.biases, keys,
                  output.reshape(total, whole.outputs), _block_rows(total, plan.widest, max_elements, True),
                  torch.get_num_threads(), whole.lanes)
     return torch.from_numpy(output)  # one torch call: each costs µs after the kernels have had the caches
