@@ -418,12 +418,10 @@ def _run_fused(prefix: Tensor, plan: _FusedPlan, samples: int, keys: np.ndarray,
     ``[samples * rows, n_out]``. Row ``t * rows + b`` is sample ``t`` of input ``b``; its masks
     depend on the keys and its row number only, so the block size does not change them.
 
-    Where :mod:`service.ml.mc_whole` can (ReLU or no activation) the whole loop runs
-    there, in machine code, its blocks split over ``torch.get_num_threads()`` threads; otherwise
-    this Python loop calls ``torch.mm`` and the kernels block after block."""
+    This Python loop calls ``torch.mm`` and the kernels block after block: the path of nets whose
+    activations :mod:`service.ml.mc_whole` does not apply (ReLU or none it does, in
+    :func:`_whole_call`, in machine code, its blocks split over ``torch.get_num_threads()`` threads)."""
     total = samples * prefix.shape[0]
-    if _WHOLE_CALL and plan.whole is not None:
-        return _whole_call(plan, prefix.contiguous().numpy(), samples, keys, max_elements).view(total, -1)
     block = _block_rows(total, plan.widest, max_elements, False)
     mc_kernels = _kernels()
     prefix_np = mc_kernels.tiled_rows(prefix.contiguous().numpy())  # row (t·B + b) % its rows is b
@@ -696,6 +694,8 @@ def _sample_suffix(compiled: _Compiled, prefix: Tensor, samples: int, seed: int 
         return prefix.unsqueeze(0).expand(samples, *prefix.shape).clone()
     if fused and compiled.fused is not None and prefix.device.type == "cpu" and prefix.dtype == torch.float32:
         keys = _fused_keys(2 * compiled.fused.dropouts, seed)
+        if _WHOLE_CALL and compiled.fused.whole is not None:
+            return _whole_call(compiled.fused, prefix.contiguous().numpy(), samples, keys, max_elements)
         return _run_fused(prefix, compiled.fused, samples, keys, max_elements).view(samples, rows, -1)
     generator = _new_generator(seed, prefix.device)
     steps, suffix = compiled.steps, compiled.suffix
