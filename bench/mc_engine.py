@@ -303,7 +303,7 @@ class EngineLayersAlone:
             m, at, dots = int(row[mc_whole.OUT]), int(row[mc_whole.WEIGHT]), bool(row[mc_whole.DOTS])
             shape = (m, mc_simd.padded(k, plan.lanes)) if dots else (k, mc_simd.padded(m, plan.lanes))
             weights = plan.weights[at : at + shape[0] * shape[1]].reshape(shape)
-            self.layers.append((dots, weights, np.empty((self.block, m), dtype=np.float32)))
+            self.layers.append((dots, weights, mc_simd.aligned_zeros((self.block, m))))  # as run_blocks's
             k = m
         self.fuse_last = mc_whole.fuses_last(plan.layers, plan.lanes)  # as run_blocks decides it
         widest = max(int(w) for w in plan.layers[:, mc_whole.OUT])

@@ -312,10 +312,11 @@ def _whole_plan(first: _FusedDropout, layers: list[_FusedLayer]) -> _WholePlan |
         biases.append(layer.bias)
         weight_at += weight.size
         bias_at += layer.bias.size
+    flat_weights, flat_biases = mc_simd.aligned_zeros(weight_at), mc_simd.aligned_zeros(bias_at)  # on cache lines
+    flat_weights[:] = np.concatenate(weights)
+    flat_biases[:] = np.concatenate(biases)
     return _WholePlan(np.array([first.top, first.low, first.threshold, 2 * first.index], dtype=np.int64), table,
-                      np.ascontiguousarray(np.concatenate(weights), dtype=np.float32),
-                      np.ascontiguousarray(np.concatenate(biases), dtype=np.float32), mc_simd.LANES,
-                      layers[-1].weight_t.shape[1])
+                      flat_weights, flat_biases, mc_simd.LANES, layers[-1].weight_t.shape[1])
 
 
 def _kernels():  # noqa: ANN202 (a module)

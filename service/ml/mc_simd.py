@@ -39,6 +39,8 @@ from a BLAS's by rounding only (relative 1e-7 to 1e-6), and not at all between t
 
 from __future__ import annotations
 
+import contextlib
+
 import llvmlite.binding
 import numpy as np
 from llvmlite import ir
@@ -109,7 +111,8 @@ def _sum_lanes(builder: ir.IRBuilder, vector: ir.Value, lanes: int) -> ir.Value:
     return builder.extract_element(vector, ir.Constant(_I32, 0))
 
 
-def _emit_tile(builder: ir.IRBuilder, lanes: int, rows: int, vectors: int, args: list[ir.Value], dot: bool) -> None:
+def _emit_tile(builder: ir.IRBuilder, lanes: int, rows: int, vectors: int, args: list[ir.Value], dot: bool,
+               one_output: bool = False) -> None:
     """Emit one tile ``(a, lda, b, ldb, c, ldc, depth, last, bias, relu, mask, ldm, threshold, w2,
     ldw2, outs, out2, ldo, bias2, relu2)`` (addresses; strides in elements): for ``rows`` rows and
     ``vectors`` vectors of ``lanes`` columns,
@@ -123,8 +126,9 @@ def _emit_tile(builder: ir.IRBuilder, lanes: int, rows: int, vectors: int, args:
     With ``dot`` the tile holds whole rows of C and, instead of storing them, computes the next
     (last, narrow) layer from its registers: ``out2[r, o] = act2(bias2[o] + Σ_j w2[o, j] · C[r, j])``
     for ``o < outs`` (at most DOT_OUTPUTS), ``w2`` zero past the columns of C: per row and output
-    the products summed across the vectors, then across the lanes, the rows' sums folded together
-    (:func:`_sum_rows`)."""
+    the products summed across the vectors (pairwise: short dependency chains), then across the
+    lanes, the rows' sums folded together (:func:`_sum_rows`). With ``one_output`` the tile is
+    for ``outs`` = 1 only: no test of ``outs``, the sums kept in registers."""
     a, lda, b, ldb, c, ldc, depth, last, bias, relu, mask, ldm, threshold = args[:13]
     w2, ldw2, outs, out2, ldo, bias2, relu2 = args[13:]
     a, b, c, bias, w2, out2, bias2 = (builder.inttoptr(p, _F32.as_pointer()) for p in (a, b, c, bias, w2, out2, bias2))
@@ -172,7 +176,11 @@ def _emit_tile(builder: ir.IRBuilder, lanes: int, rows: int, vectors: int, args:
     floor2 = _splat(builder, floor_of(relu2), lanes)
     # with dot: per output, each row's products summed over its vectors (filled row by row, so
     # that only one row's values are live at a time)
-    products = [[cgutils.alloca_once_value(builder, zero) for _ in range(rows)] for _ in range(DOT_OUTPUTS)] if dot else []
+    outputs = (1 if one_output else DOT_OUTPUTS) if dot else 0
+    products: list[list[ir.Value]] = [[] for _ in range(outputs)]
+
+    def for_output(o: int):  # noqa: ANN202 (a context manager)
+        return contextlib.nullcontext() if one_output else builder.if_then(builder.icmp_signed("<", _index(o), outs))
     for r in range(rows):
         c_row = builder.gep(c, [builder.mul(_index(r), ldc)])
         mask_row = builder.gep(mask, [builder.mul(_index(r), ldm)])
@@ -188,18 +196,27 @@ def _emit_tile(builder: ir.IRBuilder, lanes: int, rows: int, vectors: int, args:
                 builder.store(x, builder.bitcast(at, floats.as_pointer()), align=4)
             else:  # the last vector: only its first `last` lanes
                 builder.call(store_some, [x, at, ir.Constant(_I32, 4), stored])
-        for o in range(DOT_OUTPUTS if dot else 0):
-            with builder.if_then(builder.icmp_signed("<", _index(o), outs)):
+        for o in range(outputs):
+            with for_output(o):
                 w_row = builder.gep(w2, [builder.mul(_index(o), ldw2)])
                 w = [builder.load(_vector_at(builder, w_row, _index(v * lanes), floats), align=4) for v in range(vectors)]
-                total = builder.fmul(values[0], w[0])
-                for v in range(1, vectors):
-                    total = builder.call(fma, [values[v], w[v], total])
-                builder.store(total, products[o][r])
-    for o in range(DOT_OUTPUTS if dot else 0):
-        with builder.if_then(builder.icmp_signed("<", _index(o), outs)):
+                # pairs of vectors (a product and an FMA), then the pairs added pairwise
+                terms = [builder.fmul(values[v], w[v]) if v + 1 == vectors
+                         else builder.call(fma, [values[v + 1], w[v + 1], builder.fmul(values[v], w[v])])
+                         for v in range(0, vectors, 2)]
+                while len(terms) > 1:
+                    terms = [builder.fadd(*terms[i : i + 2]) if i + 1 < len(terms) else terms[i]
+                             for i in range(0, len(terms), 2)]
+                if one_output:
+                    products[o].append(terms[0])
+                else:  # through memory: the value leaves the if's block
+                    products[o].append(cgutils.alloca_once_value(builder, zero))
+                    builder.store(terms[0], products[o][r])
+    for o in range(outputs):
+        with for_output(o):
             bias_o = _splat(builder, builder.load(builder.gep(bias2, [_index(o)])), lanes)
-            for total, rows_in in _sum_rows(builder, [builder.load(p) for p in products[o]], lanes):
+            row_sums = products[o] if one_output else [builder.load(p) for p in products[o]]
+            for total, rows_in in _sum_rows(builder, row_sums, lanes):
                 total = at_least(builder.fadd(total, bias_o), floor2)
                 for lane, r in enumerate(rows_in):
                     if r is not None:
@@ -252,39 +269,81 @@ def _case(lanes, rows, vectors):  # noqa: ANN001, ANN202 (numba)
     return (lanes * 100 + rows) * 100 + vectors
 
 
-def _tiles(dot: bool):  # noqa: ANN202 (a numba intrinsic)
-    """The intrinsic ``tile(case, a, lda, b, ..., w2, ldw2, outs, out2, ldo, bias2, relu2)``: the
-    tile of :func:`_emit_tile` (with ``dot`` or not) for the ``_case(lanes, rows, vectors)`` of
-    one of the tiles it compiles in (any other does nothing), picked by a jump table: per width,
-    each shape of ``_SHAPES`` (with ``dot``: ``_DOT_SHAPES``) and its one-row form (the rows left over)."""
-    tiles = [(lanes, rows, vectors) for lanes, shapes in (_DOT_SHAPES if dot else _SHAPES).items()
-             for tall, vectors in shapes for rows in (tall, 1)]
+ONE_OUTPUT = 1_000_000  # added to a layer_dot case: the tiles for a last layer of one output
+
+
+def _rows_function(module: ir.Module, lanes: int, tall: int, vectors: int, dot: bool, one_output: bool) -> ir.Function:
+    """The LLVM function ``(n, a, lda, b, ldb, c, ldc, depth, last, bias, relu, mask, ldm, threshold,
+    w2, ldw2, outs, out2, ldo, bias2, relu2)`` that runs ``n`` rows of :func:`_emit_tile`'s tile
+    (``vectors`` vectors, with ``dot`` or not): tiles of ``tall`` rows, then one row at a time;
+    emitted once per module. A function of its own, not inlined: a loop of plain tiles in a small
+    stack frame, with nothing of its caller's held in registers (inlined into a kernel's jump
+    table, the tiles spilled that function's values around them), and each tile's epilogue free
+    to overlap the next tile's loop."""
+    name = f"mcdrop_rows_{lanes}_{tall}_{vectors}_{int(dot)}_{int(one_output)}"
+    if name in module.globals:
+        return module.globals[name]
+    function = ir.Function(module, ir.FunctionType(ir.VoidType(), [_I64] * 21), name)
+    function.linkage = "internal"
+    function.attributes.add("noinline")
+    builder = ir.IRBuilder(function.append_basic_block("entry"))
+    n, a, lda, b, ldb, c, ldc, depth, last, bias, relu, mask, ldm, threshold, *rest = function.args
+    w2, ldw2, outs, out2, ldo, bias2, relu2 = rest
+    size = _index(4)  # bytes per float
+
+    def tile_at(r: ir.Value, rows: int) -> None:
+        def at(base: ir.Value, stride: ir.Value, unit: ir.Value | None = size) -> ir.Value:
+            step = builder.mul(r, stride)
+            return builder.add(base, builder.mul(step, unit) if unit is not None else step)
+
+        _emit_tile(builder, lanes, rows, vectors,
+                   [at(a, lda), lda, b, ldb, at(c, ldc), ldc, depth, last, bias, relu, at(mask, ldm, None), ldm,
+                    threshold, w2, ldw2, outs, at(out2, ldo), ldo, bias2, relu2], dot, one_output)
+
+    whole = builder.udiv(n, _index(tall))
+    with cgutils.for_range(builder, whole) as loop:
+        tile_at(builder.mul(loop.index, _index(tall)), tall)
+    with cgutils.for_range_slice(builder, builder.mul(whole, _index(tall)), n, _index(1)) as (r, _):
+        tile_at(r, 1)
+    builder.ret_void()
+    return function
+
+
+def _rows(dot: bool):  # noqa: ANN202 (a numba intrinsic)
+    """The intrinsic ``rows(case, n, a, lda, b, ldb, c, ldc, depth, last, bias, relu, mask, ldm,
+    threshold, w2, ldw2, outs, out2, ldo, bias2, relu2)``: ``n`` rows (from ``a``, ``c``, ``mask``
+    and ``out2``) of the tile of :func:`_emit_tile` (with ``dot`` or not) for ``_case(lanes, rows,
+    vectors)``, one of ``_SHAPES`` (with ``dot``: ``_DOT_SHAPES``, and ``+ ONE_OUTPUT`` for
+    ``outs`` = 1), by :func:`_rows_function`'s loop; any other case does nothing. A jump table picks
+    the function."""
+    cases = [(lanes, rows, vectors, one) for lanes, shapes in (_DOT_SHAPES if dot else _SHAPES).items()
+             for rows, vectors in shapes for one in ((False, True) if dot else (False,))]
 
     @intrinsic
-    def tile(typingctx, case, a, lda, b, ldb, c, ldc, depth, last, bias, relu, mask, ldm, threshold,  # noqa: ANN001
+    def rows(typingctx, case, n, a, lda, b, ldb, c, ldc, depth, last, bias, relu, mask, ldm, threshold,  # noqa: ANN001
              w2, ldw2, outs, out2, ldo, bias2, relu2):  # noqa: ANN001, ANN202, ARG001
-        signature = types.void(*([types.intp] * 21))
+        signature = types.void(*([types.intp] * 22))
 
         def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202, ARG001
             case, rest = args[0], list(args[1:])
-            done = builder.append_basic_block("tile.done")
+            done = builder.append_basic_block("rows.done")
             switch = builder.switch(case, done)
-            for lanes, rows, vectors in tiles:
-                block = builder.append_basic_block(f"tile.{lanes}.{rows}.{vectors}")
-                switch.add_case(_index(_case.py_func(lanes, rows, vectors)), block)
+            for lanes, tall, vectors, one in cases:
+                block = builder.append_basic_block(f"rows.{lanes}.{tall}.{vectors}.{int(one)}")
+                switch.add_case(_index(_case.py_func(lanes, tall, vectors) + (ONE_OUTPUT if one else 0)), block)
                 builder.position_at_end(block)
-                _emit_tile(builder, lanes, rows, vectors, rest, dot)
+                builder.call(_rows_function(builder.module, lanes, tall, vectors, dot, one), rest)
                 builder.branch(done)
             builder.position_at_end(done)
             return context.get_dummy_value()
 
         return signature, codegen
 
-    return tile
+    return rows
 
 
 # Each compiled into the kernel that calls it: layer's tiles store C, layer_dot's feed the last layer.
-_TILE, _TILE_DOT = _tiles(dot=False), _tiles(dot=True)
+_ROWS, _ROWS_DOT = _rows(dot=False), _rows(dot=True)
 
 
 def _emit_dots(builder: ir.IRBuilder, lanes: int, rows: int, args: list[ir.Value]) -> None:
@@ -539,14 +598,9 @@ def layer(a, b, bias, relu, mask, threshold, c, lanes):  # noqa: ANN001, ANN201 
         group = _group(vectors - j, most)
         last = min(lanes, m - lanes * (j + group - 1))
         tall = _tile_rows(lanes, group, False)
-        pb, pbias = b0 + size * lanes * j, bias0 + size * lanes * j
-        r = 0
-        while r < n:
-            rows = tall if r + tall <= n else 1
-            pa, pc, pmask = a0 + size * r * lda, c0 + size * (r * m + lanes * j), mask0 + r * ldm + lanes * j
-            _TILE(_case(lanes, rows, group), pa, lda, pb, ldb, pc, m, k, last, pbias, relu, pmask, ldm, threshold,
-                  0, 0, 0, 0, 0, 0, 0)
-            r += rows
+        pb, pbias, pc = b0 + size * lanes * j, bias0 + size * lanes * j, c0 + size * lanes * j
+        _ROWS(_case(lanes, tall, group), n, a0, lda, pb, ldb, pc, m, k, last, pbias, relu, mask0 + lanes * j, ldm,
+              threshold, 0, 0, 0, 0, 0, 0, 0)
         j += group
 
 
@@ -588,13 +642,9 @@ def layer_dot(a, b, m, bias, relu, mask, threshold, w2, bias2, relu2, out, lanes
     lda, ldb, ldw2 = k, b.shape[1], w2.shape[1]
     a0, b0, bias0, mask0 = a.ctypes.data, b.ctypes.data, bias.ctypes.data, mask.ctypes.data
     w0, out0, bias20 = w2.ctypes.data, out.ctypes.data, bias2.ctypes.data
-    size = 4  # bytes per float
-    r = 0
-    while r < n:
-        rows = tall if r + tall <= n else 1
-        _TILE_DOT(_case(lanes, rows, vectors), a0 + size * r * lda, lda, b0, ldb, 0, 0, k, last, bias0, relu,
-              mask0 + r * ldm, ldm, threshold, w0, ldw2, outs, out0 + size * r * outs, outs, bias20, relu2)
-        r += rows
+    case = _case(lanes, tall, vectors) + (ONE_OUTPUT if outs == 1 else 0)
+    _ROWS_DOT(case, n, a0, lda, b0, ldb, 0, 0, k, last, bias0, relu, mask0, ldm, threshold, w0, ldw2, outs, out0, outs,
+              bias20, relu2)
 
 
 @njit(**_FLAGS)
@@ -628,9 +678,34 @@ def dot_rows(a, w, c, lanes):  # noqa: ANN001, ANN201 (numba)
             r += 1
 
 
+# Where the kernels' arrays start: a cache line. numpy's allocator promises 16 bytes and numba's 32,
+# so a row of weights (a multiple of 32 or 64 bytes long) would otherwise start mid-line in some
+# processes and not in others, and then half or all of its vector loads straddle two cache lines
+# (each such load costs two): on an AMD EPYC (AVX2) layer_dot on the UCI net's [800, 13] @ [13, 50]
+# took 195 µs per 8 blocks with weights 16 bytes past a line and 157 µs on one, in the same process.
+ALIGN = 64
+
+
+def aligned_zeros(shape: tuple[int, ...] | int, dtype: type = np.float32) -> np.ndarray:
+    """A C-contiguous array of zeros that starts on an ALIGN-byte boundary."""
+    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.zeros(size + ALIGN, dtype=np.uint8)
+    start = -raw.ctypes.data % ALIGN
+    return raw[start : start + size].view(dtype).reshape(shape)
+
+
+@njit(inline="always")
+def aligned_floats(count):  # noqa: ANN001, ANN201 (numba)
+    """``np.empty(count, float32)`` (in numba code) that starts on an ALIGN-byte boundary."""
+    raw = np.empty(count + ALIGN // 4, dtype=np.float32)
+    start = (ALIGN - raw.ctypes.data % ALIGN) % ALIGN // 4
+    return raw[start : start + count]
+
+
 def padded_weights(weight_t: np.ndarray, lanes: int = LANES) -> np.ndarray:
-    """``Wᵀ [k, m]`` as :func:`gemm` takes it: ``[k, padded(m, lanes)]``, zeros in the extra columns."""
+    """``Wᵀ [k, m]`` as :func:`gemm` takes it: ``[k, padded(m, lanes)]``, zeros in the extra
+    columns, starting on a cache line (ALIGN)."""
     k, m = weight_t.shape
-    out = np.zeros((k, padded(m, lanes)), dtype=np.float32)
+    out = aligned_zeros((k, padded(m, lanes)))
     out[:, :m] = weight_t
     return out

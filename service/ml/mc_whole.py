@@ -183,7 +183,7 @@ def run_blocks(prefix, first, layers, weights, biases, keys, out, block, counter
     rows, width = prefix.shape
     if rows * width < mc_kernels.RUN_UNITS:  # as mc_kernels.tiled_rows: whole copies, long flat runs
         repeats = -(-mc_kernels.RUN_UNITS // max(1, rows * width))
-        tiled = np.empty((rows * repeats, width), dtype=np.float32)
+        tiled = mc_simd.aligned_floats(rows * repeats * width).reshape((rows * repeats, width))
         for r in range(rows * repeats):
             tiled[r] = prefix[r % rows]
         prefix = tiled
@@ -196,8 +196,8 @@ def run_blocks(prefix, first, layers, weights, biases, keys, out, block, counter
         widest = max(widest, layers[i, OUT])
         if i < stored:
             hidden_size += layers[i, OUT]
-    masked = np.empty(block * width, dtype=np.float32)
-    hidden = np.empty(max(1, block * hidden_size), dtype=np.float32)
+    masked = mc_simd.aligned_floats(block * width)  # each layer's rows on the same cache lines in every process
+    hidden = mc_simd.aligned_floats(max(1, block * hidden_size))
     # mc_kernels.words_for, and a vector's bytes more: mc_simd.layer loads whole vectors of mask bytes
     words = np.empty((block * widest + 7) // 8 + 1 + (lanes + 7) // 8, dtype=np.uint64)
     no_words = words[:0]

@@ -64,7 +64,12 @@ NETS = {
 
 def test_relu_nets_take_the_whole_call():
     for name, make in NETS.items():
-        assert mc._compiled(make()).fused.whole is not None, name
+        whole = mc._compiled(make()).fused.whole
+        assert whole is not None, name
+        # each layer's padded weights start on a cache line: the flat array does, and each layer's
+        # share is whole vectors of whole rows
+        assert whole.weights.ctypes.data % mc_simd.ALIGN == 0 and whole.biases.ctypes.data % mc_simd.ALIGN == 0
+        assert all(at * 4 % (whole.lanes * 4) == 0 for at in whole.layers[:, mc_whole.WEIGHT]), name
 
 
 @pytest.mark.parametrize("name", list(NETS))
