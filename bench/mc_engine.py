@@ -426,49 +426,68 @@ def path_comparison(quick: bool, threads: list[tuple[str, int]] | None = None) -
     return rows
 
 
+_MASK_WORK: list[Callable[..., None]] = []
+
+
+def _compiled_mask_work() -> Callable[..., None]:
+    """KernelsAlone's loop over the blocks as a numba function, as run_blocks runs it (compiled on
+    first use; the kernels it calls are service.ml.mc_kernels')."""
+    if not _MASK_WORK:
+        from numba import njit
+
+        from service.ml.mc_kernels import bias_activation_dropout, broadcast_dropout, draw
+
+        @njit(nogil=True)
+        def mask_work(total, block, prefix, masked, words, keys, first, draws, output, bias, relu, finish):  # noqa: ANN001, ANN202
+            start = 0
+            while start < total:
+                n = min(block, total - start)
+                broadcast_dropout(prefix, masked[:n], words, start, keys[first[3]], keys[first[3] + 1], first[0],
+                                  first[1], first[2])
+                for d in range(draws.shape[0]):
+                    width, key = draws[d, 0], draws[d, 1]
+                    draw(words, start * width, n * width, keys[key], keys[key + 1], draws[d, 2], draws[d, 3])
+                if finish:
+                    bias_activation_dropout(output[:n], bias, relu, words[:0], 0, keys[0], keys[0], 0, 0, 0)
+                start += n
+
+        _MASK_WORK.append(mask_work)
+    return _MASK_WORK[0]
+
+
 class KernelsAlone:
     """The whole call's mask work on the engine's blocks of the T·B rows, with no matmuls: per
     block the first dropout (the prefix broadcast and masked: ``mc_kernels.broadcast_dropout``),
     each hidden dropout's mask bytes drawn (``mc_kernels.draw``; the whole call applies them with
     the bias and ReLU as it stores the matmul's tile), and a dot-product last layer's bias —
-    service.ml.mc_kernels' functions, called from Python on buffers of the blocks' shapes (the whole
-    call runs them from machine code, without the ~1 µs dispatch of a Python call)."""
+    service.ml.mc_kernels' functions on buffers of the blocks' shapes, called from one numba loop
+    over the blocks as the whole call calls them (from Python, the ~1-3 µs dispatch of each call
+    would weigh as much as the UCI net's draws)."""
 
     def __init__(self, net: nn.Sequential, batch: int, samples: int) -> None:
         from service.ml import mc_whole
 
         kernels, fused = mc._kernels(), mc._compiled(net).fused
-        self.kernels, self.plan, self.whole = kernels, fused, fused.whole
         generator = torch.Generator().manual_seed(6)
         width = fused.layers[0].weight_t.shape[0]
-        self.prefix = kernels.tiled_rows(torch.randn(batch, width, generator=generator).numpy())
-        self.total = samples * batch
-        self.block = engine_block_rows(net, batch, samples, torch.device("cpu"))
-        self.keys = mc._fused_keys(2 * fused.dropouts, 1)
-        self.words = np.empty(kernels.words_for(self.block, fused.widest) + 1, dtype=np.uint64)
-        self.masked = torch.randn(self.block, width, generator=generator).numpy()
-        table = self.whole.layers
-        self.draws = [(int(row[mc_whole.OUT]), int(row[mc_whole.KEY]), int(row[mc_whole.TOP]), int(row[mc_whole.LOW]))
-                      for row in table[:-1] if row[mc_whole.DROPOUT]]
+        whole = fused.whole
+        table = whole.layers
         last = table[-1]
-        outputs = int(last[mc_whole.OUT])
-        self.finish = bool(last[mc_whole.DOTS] and last[mc_whole.FINISH])
-        self.relu = kernels.RELU if last[mc_whole.RELU] else kernels.IDENTITY
-        self.bias = fused.layers[-1].bias
-        self.output = torch.randn(self.block, outputs, generator=generator).numpy()
+        draws = np.array([(row[mc_whole.OUT], row[mc_whole.KEY], row[mc_whole.TOP], row[mc_whole.LOW])
+                          for row in table[:-1] if row[mc_whole.DROPOUT]], dtype=np.int64).reshape(-1, 4)
+        block = engine_block_rows(net, batch, samples, torch.device("cpu"))
+        self.work = _compiled_mask_work()
+        self.args = (samples * batch, block, kernels.tiled_rows(torch.randn(batch, width, generator=generator).numpy()),
+                     torch.randn(block, width, generator=generator).numpy(),
+                     np.empty(kernels.words_for(block, fused.widest) + 1, dtype=np.uint64),
+                     mc._fused_keys(2 * fused.dropouts, 1), whole.first, draws,
+                     torch.randn(block, int(last[mc_whole.OUT]), generator=generator).numpy(), fused.layers[-1].bias,
+                     kernels.RELU if last[mc_whole.RELU] else kernels.IDENTITY,
+                     bool(last[mc_whole.DOTS] and last[mc_whole.FINISH]))
+        self.work(*self.args)  # compiled here, not in the timing
 
     def __call__(self) -> None:
-        kernels, keys, words = self.kernels, self.keys, self.words
-        first = self.plan.first
-        for start in range(0, self.total, self.block):
-            n = min(self.block, self.total - start)
-            kernels.broadcast_dropout(self.prefix, self.masked[:n], words, start, keys[2 * first.index],
-                                      keys[2 * first.index + 1], first.top, first.low, first.threshold)
-            for width, key, top, low in self.draws:
-                kernels.draw(words, start * width, n * width, keys[key], keys[key + 1], top, low)
-            if self.finish:
-                kernels.bias_activation_dropout(self.output[:n], self.bias, self.relu, words[:0], 0, keys[0], keys[0],
-                                                0, 0, 0)
+        self.work(*self.args)
 
 
 def time_split(quick: bool, batch: int = 64) -> list[dict[str, float]]:
