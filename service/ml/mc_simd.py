@@ -265,7 +265,7 @@ def _sum_rows(builder: ir.IRBuilder, vectors: list[ir.Value], lanes: int) -> lis
 
 @njit(inline="always")
 def _case(lanes, rows, vectors):  # noqa: ANN001, ANN202 (numba)
-    """The number a tile's variant goes by in the jump tables of the tiles and ``_dots``."""
+    """The number a tile's variant goes by in the jump tables of :func:`_rows` and ``_dots``."""
     return (lanes * 100 + rows) * 100 + vectors
 
 
