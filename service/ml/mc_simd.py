@@ -481,17 +481,6 @@ def lowest_bit(typingctx, value):  # noqa: ANN001, ANN202, ARG001
     return signature, codegen
 
 
-_SEVENS = np.uint64(0x7F7F7F7F7F7F7F7F)
-
-
-@njit(inline="always")
-def equal_bytes(word, pattern):  # noqa: ANN001, ANN201 (numba)
-    """The high bit of every byte of ``word`` (uint64) equal to the byte repeated in ``pattern``,
-    exactly: 0 where there is none (as the vector test of :func:`_emit_flags`)."""
-    x = word ^ pattern  # a zero byte where they are equal
-    return ~(((x & _SEVENS) + _SEVENS) | x | _SEVENS)
-
-
 @njit(inline="always")
 def splitmix64(key, counter):  # noqa: ANN001, ANN201 (numba)
     """splitmix64 (Steele, Lea & Flood 2014) of ``counter`` under ``key`` (uint64)."""
@@ -511,13 +500,12 @@ def splitmix_words(words, count, key, base, pattern, flags):  # noqa: ANN001, AN
     _splitmix_words(words.ctypes.data, whole, key, base, pattern, flags.ctypes.data if flags.size else 0)
     if whole < count:
         last = np.uint64(0)
+        top = pattern & np.uint64(255)
         for i in range(whole, count):
             words[i] = splitmix64(key, base + np.uint64(i))
-            if flags.size:
-                equal = equal_bytes(words[i], pattern)  # the high bit of each equal byte
-                for b in range(8):
-                    if (equal >> np.uint64(8 * b + 7)) & np.uint64(1):
-                        last |= np.uint64(1) << np.uint64(8 * (i - whole) + b)
+            for b in range(8 if flags.size else 0):  # as _emit_flags: bit 8 · (i - whole) + b, byte b equal to top
+                if (words[i] >> np.uint64(8 * b)) & np.uint64(255) == top:
+                    last |= np.uint64(1) << np.uint64(8 * (i - whole) + b)
         if flags.size:
             flags[whole // WORD_STEP] = last
 
